@@ -1,0 +1,214 @@
+"""What every detector is: settings from its rule, per-user state, ``process``.
+
+A detector is pure and deterministic: it sees events (in event time, maybe
+slightly out of order), keeps plain per-user state that it can dump to JSON
+and load back, and reports findings through :class:`Emitter`. It never reads
+the wall clock and never does I/O.
+
+Writing one::
+
+    @dataclass(frozen=True, slots=True)
+    class OffHoursSettings:
+        min_events: int = 1
+
+    class OffHoursDetector(Detector[OffHoursState, OffHoursSettings]):
+        name = "off_hours"
+        actions = LOOKUP_ACTIONS | EXPORT_ACTIONS
+        settings_type = OffHoursSettings
+
+        def process(self, ev, user, emit): ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Final, Generic, Protocol, TypeVar
+
+from detectors.calendar import BusinessCalendar
+from detectors.rules import Rule, RuleError
+from schemas.event import Event
+
+__all__ = [
+    "DAY_MS",
+    "HOUR_MS",
+    "MINUTE_MS",
+    "Detector",
+    "Emitter",
+    "UserState",
+    "parse_duration",
+    "settings_from_params",
+]
+
+MINUTE_MS: Final = 60_000
+HOUR_MS: Final = 60 * MINUTE_MS
+DAY_MS: Final = 24 * HOUR_MS
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
+_UNIT_MS: Final = {"ms": 1, "s": 1000, "m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS, "w": 7 * DAY_MS}
+
+S = TypeVar("S")
+C = TypeVar("C")
+
+
+def parse_duration(value: Any) -> int:
+    """``"10m"``, ``"1h"``, ``"30d"`` (or a number of seconds) to milliseconds."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration like '10m', '1h' or '7d'")
+    if isinstance(value, int):
+        return value * 1000
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return int(match.group(1)) * _UNIT_MS[match.group(2)]
+    raise ValueError(f"must be a duration like '10m', '1h' or '7d', got {value!r}")
+
+
+class UserState:
+    """Everything leakwatch keeps about one user: one slot per detector."""
+
+    __slots__ = ("alerts", "department", "last_ts", "recent", "slots")
+
+    def __init__(self, n_detectors: int) -> None:
+        #: Per-detector state, ``None`` until that detector first needs it.
+        self.slots: list[Any] = [None] * n_detectors
+        #: Newest event time seen for this user.
+        self.last_ts = 0
+        #: Last department seen (events may omit it).
+        self.department: str | None = None
+        #: The user's most recent events, for alert evidence (not snapshotted).
+        self.recent: list[Event] = []
+        #: Open findings, keyed by (rule id, reason, window start, key); engine-owned.
+        self.alerts: dict[tuple[str, str, int, str], Any] = {}
+
+
+class Emitter(Protocol):
+    """How a detector reports a finding; the engine turns it into an alert."""
+
+    def __call__(
+        self,
+        rule: Rule,
+        reason: str,
+        ev: Event,
+        window_start_ms: int,
+        window_end_ms: int,
+        count: int,
+        key: str = "",
+        details: Mapping[str, Any] | None = None,
+        related: Callable[[Event], bool] | None = None,
+    ) -> None:
+        """Raise or update the finding (rule, reason, user, window, key).
+
+        ``count`` is the detector's measure for the finding (the engine keeps
+        the largest reported); ``related`` picks the user's recent events
+        that belong in the evidence.
+        """
+
+
+class Detector(ABC, Generic[S, C]):
+    """Base class of all detectors. Subclasses set the class attributes."""
+
+    #: Module/rule name, e.g. ``off_hours``.
+    name: ClassVar[str]
+    #: Actions this detector wants; ``None`` means every event.
+    actions: ClassVar[frozenset[str] | None] = None
+    #: The frozen dataclass its rule's ``params`` are read into.
+    settings_type: ClassVar[type[Any]]
+
+    __slots__ = ("calendar", "index", "rule", "settings")
+
+    def __init__(self, rule: Rule, calendar: BusinessCalendar, index: int) -> None:
+        self.rule = rule
+        self.calendar = calendar
+        self.index = index
+        self.settings: C = settings_from_params(self.settings_type, rule.params, rule.source)
+        self.check_settings()
+
+    def check_settings(self) -> None:  # noqa: B027 - optional hook
+        """Cross-field validation; raise :class:`RuleError` naming the param."""
+
+    def error(self, param: str, reason: str) -> RuleError:
+        """A RuleError about one of this rule's params."""
+        return RuleError(self.rule.source, f"params.{param}", reason)
+
+    @abstractmethod
+    def process(self, ev: Event, user: UserState, emit: Emitter) -> None:
+        """Handle one event of ``user`` (state in ``user.slots[self.index]``)."""
+
+    @abstractmethod
+    def dump(self, state: S) -> Any:
+        """Per-user state to plain JSON-able data."""
+
+    @abstractmethod
+    def load(self, data: Any) -> S:
+        """Inverse of :meth:`dump`."""
+
+    def expire(self, state: S, watermark_ms: int) -> S | None:
+        """Drop what no window can need any more; ``None`` drops the state."""
+        return state
+
+
+def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
+    where = f"params.{key}"
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RuleError(source, where, "must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RuleError(source, where, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RuleError(source, where, f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RuleError(source, where, f"must be a string, got {value!r}")
+        return value
+    if origin is frozenset or origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
+            raise RuleError(source, where, "must be a list of strings")
+        return origin(str(v) for v in value)
+    if origin is dict or origin is Mapping:
+        if not isinstance(value, dict):
+            raise RuleError(source, where, "must be a mapping")
+        return {str(k): v for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(source, key, args[0], value)
+    raise RuleError(source, where, f"unsupported parameter type {hint!r}")  # pragma: no cover
+
+
+def settings_from_params(settings_type: type[Any], params: Mapping[str, Any], source: str) -> Any:
+    """Build a settings dataclass from a rule's params, rejecting unknown keys.
+
+    A field named ``window_ms`` is set from the param ``window`` given as a
+    duration (``"10m"``); every other field from the param of its own name.
+    """
+    hints = typing.get_type_hints(settings_type)
+    by_param: dict[str, dataclasses.Field[Any]] = {}
+    for f in dataclasses.fields(settings_type):
+        by_param[f.name[:-3] if f.name.endswith("_ms") else f.name] = f
+    kwargs: dict[str, Any] = {}
+    for key, value in params.items():
+        f = by_param.get(key)
+        if f is None:
+            raise RuleError(source, f"params.{key}", f"unknown parameter (known: {', '.join(sorted(by_param))})")
+        if f.name.endswith("_ms"):
+            try:
+                kwargs[f.name] = parse_duration(value)
+            except ValueError as exc:
+                raise RuleError(source, f"params.{key}", str(exc)) from None
+            if kwargs[f.name] <= 0:
+                raise RuleError(source, f"params.{key}", "must be a positive duration")
+        else:
+            kwargs[f.name] = _coerce(source, key, hints[f.name], value)
+    return settings_type(**kwargs)

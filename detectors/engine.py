@@ -1,0 +1,518 @@
+"""The detector engine: per-user state, dispatch by action, alerts, snapshots.
+
+One :class:`Engine` holds the state of the users of one partition (or of one
+offline run). ``process`` takes events in roughly event-time order: an event
+older than its user's newest event by more than ``lateness`` is *late*; it is
+not detected on (its windows may be closed) but kept in :attr:`Engine.late`
+for the caller to dead-letter or report. Nothing is dropped silently.
+
+Findings become :class:`~schemas.alert.Alert` objects with deterministic ids.
+A finding is published when it opens, again each time its count doubles, and
+a final time when its window closes if it changed since; so a burst of a
+thousand exports is a handful of revisions of one alert, not a thousand.
+
+State is plain data: :meth:`Engine.dump_user` / :meth:`Engine.load_user`
+round-trip byte for byte, which is what the streaming layer checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import date
+from datetime import tzinfo
+from typing import Any, Final
+
+import orjson
+
+from detectors.base import DAY_MS, HOUR_MS, Detector, UserState, parse_duration
+from detectors.calendar import BusinessCalendar, BusinessHours, parse_hours
+from detectors.rules import Rule, RuleError
+from schemas.alert import Alert, alert_id_for
+from schemas.event import ACTIONS, Event, format_ts
+
+__all__ = [
+    "DETECTORS",
+    "Engine",
+    "EngineSettings",
+    "detector_class",
+]
+
+#: Detector name -> "module:Class". One module per detector.
+DETECTORS: Final = {
+    "repeated_queries": "detectors.repeated_queries:RepeatedQueriesDetector",
+    "off_hours": "detectors.off_hours:OffHoursDetector",
+    "bulk_export": "detectors.bulk_export:BulkExportDetector",
+    "usb_writes": "detectors.usb_writes:UsbWritesDetector",
+    "unusual_terminal": "detectors.unusual_terminal:UnusualTerminalDetector",
+    "unauthorized_attempts": "detectors.unauthorized_attempts:UnauthorizedAttemptsDetector",
+    "unusual_operation": "detectors.unusual_operation:UnusualOperationDetector",
+}
+
+_SNAPSHOT_VERSION: Final = 1
+
+
+def detector_class(name: str) -> type[Detector[Any, Any]]:
+    """The detector class registered under ``name``."""
+    target = DETECTORS.get(name)
+    if target is None:
+        raise KeyError(name)
+    module, cls = target.split(":")
+    found: type[Detector[Any, Any]] = getattr(importlib.import_module(module), cls)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """How the engine runs, apart from what the rules say."""
+
+    #: Out-of-order events up to this much older than their user's newest are handled exactly.
+    lateness_ms: int = HOUR_MS
+    #: A user with no events for this long (event time) is forgotten.
+    idle_ttl_ms: int = 90 * DAY_MS
+    #: Event ids kept as evidence per alert.
+    max_evidence: int = 20
+    #: Recent events kept per user to fill alert evidence.
+    recent_events: int = 16
+    #: Alerts are never raised while ``seeding`` (learning baselines from history).
+    seeding: bool = False
+
+    @classmethod
+    def from_mapping(cls, doc: Mapping[str, Any], source: str = "<settings>") -> EngineSettings:
+        """From a config mapping with durations like ``"1h"``."""
+        out: dict[str, Any] = {}
+        for key, value in doc.items():
+            if key in ("lateness", "idle_ttl"):
+                try:
+                    out[f"{key}_ms"] = parse_duration(value)
+                except ValueError as exc:
+                    raise RuleError(source, key, str(exc)) from None
+            elif key in ("max_evidence", "recent_events"):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise RuleError(source, key, "must be a positive integer")
+                out[key] = value
+            else:
+                raise RuleError(source, key, "unknown engine setting")
+        return cls(**out)
+
+
+class _Finding:
+    """An open alert being accumulated (engine-internal)."""
+
+    __slots__ = (
+        "count",
+        "department",
+        "details",
+        "devices",
+        "dirty",
+        "emitted_count",
+        "evidence",
+        "first",
+        "last",
+        "reason",
+        "revision",
+        "rule",
+        "subjects",
+        "terminals",
+        "window_end",
+        "window_start",
+    )
+
+    def __init__(self, rule: Rule, reason: str, window_start: int, window_end: int) -> None:
+        self.rule = rule
+        self.reason = reason
+        self.window_start = window_start
+        self.window_end = window_end
+        self.first = 0
+        self.last = 0
+        self.count = 0
+        self.evidence: list[tuple[int, str]] = []
+        self.terminals: set[str] = set()
+        self.devices: set[str] = set()
+        self.subjects: set[str] = set()
+        self.details: dict[str, Any] = {}
+        self.department: str | None = None
+        self.revision = 0
+        self.emitted_count = 0
+        self.dirty = False
+
+    def dump(self) -> list[Any]:
+        return [
+            self.rule.id,
+            self.reason,
+            self.window_start,
+            self.window_end,
+            self.first,
+            self.last,
+            self.count,
+            [list(e) for e in self.evidence],
+            sorted(self.terminals),
+            sorted(self.devices),
+            sorted(self.subjects),
+            self.details,
+            self.department,
+            self.revision,
+            self.emitted_count,
+            self.dirty,
+        ]
+
+    @classmethod
+    def load(cls, data: list[Any], rules: Mapping[str, Rule]) -> _Finding:
+        f = cls(rules[data[0]], data[1], data[2], data[3])
+        f.first, f.last, f.count = data[4], data[5], data[6]
+        f.evidence = [(int(t), str(i)) for t, i in data[7]]
+        f.terminals, f.devices, f.subjects = set(data[8]), set(data[9]), set(data[10])
+        f.details, f.department = dict(data[11]), data[12]
+        f.revision, f.emitted_count, f.dirty = data[13], data[14], data[15]
+        return f
+
+
+class Engine:
+    """Runs the enabled rules' detectors over events, user by user."""
+
+    __slots__ = (
+        "_by_action",
+        "_emit",
+        "_next_sweep",
+        "calendar",
+        "detectors",
+        "dirty",
+        "late",
+        "max_ts",
+        "out",
+        "rules",
+        "settings",
+        "tz",
+        "users",
+    )
+
+    def __init__(
+        self,
+        rules: Iterable[Rule],
+        settings: EngineSettings | None = None,
+        calendar: BusinessCalendar | None = None,
+    ) -> None:
+        self.settings = settings or EngineSettings()
+        self.rules = {r.id: r for r in rules}
+        enabled = [r for r in self.rules.values() if r.enabled]
+        self.calendar = calendar or calendar_from_rules(enabled)
+        self.tz: tzinfo = self.calendar.tz
+        self.detectors: list[Detector[Any, Any]] = []
+        for index, rule in enumerate(enabled):
+            try:
+                cls = detector_class(rule.detector)
+            except KeyError:
+                raise RuleError(rule.source, "detector", f"no detector named {rule.detector!r} (known: {', '.join(DETECTORS)})") from None
+            self.detectors.append(cls(rule, self.calendar, index))
+        self._by_action: dict[str, tuple[Callable[[Event, UserState, Any], None], ...]] = {
+            action: tuple(self._handler(d) for d in self.detectors if d.actions is None or action in d.actions)
+            for action in ACTIONS
+        }
+        self.users: dict[str, UserState] = {}
+        #: Users whose state changed since :meth:`clear_dirty`.
+        self.dirty: set[str] = set()
+        #: Alerts produced and not yet taken by :meth:`drain`.
+        self.out: list[Alert] = []
+        #: Events beyond the allowed lateness, not yet taken by :meth:`drain_late`.
+        self.late: list[Event] = []
+        self.max_ts = 0
+        self._next_sweep = 0
+        self._emit = self._emit_finding
+
+    @staticmethod
+    def _handler(det: Detector[Any, Any]) -> Callable[[Event, UserState, Any], None]:
+        allow = det.rule.allowlist
+        if not allow:
+            return det.process
+        process = det.process
+        users, terminals, departments, devices = allow.users, allow.terminals, allow.departments, allow.devices
+
+        def allowlisted(ev: Event, user: UserState, emit: Any) -> None:
+            if (
+                ev.user in users
+                or ev.terminal in terminals
+                or (ev.department is not None and ev.department in departments)
+                or (ev.device is not None and ev.device in devices)
+            ):
+                return
+            process(ev, user, emit)
+
+        return allowlisted
+
+    # -- processing ---------------------------------------------------------
+
+    def process(self, ev: Event) -> None:
+        """Run every interested detector on one event."""
+        name = ev.user
+        user = self.users.get(name)
+        if user is None:
+            user = self.users[name] = UserState(len(self.detectors))
+        ts = ev.ts_ms
+        if ts >= user.last_ts:
+            user.last_ts = ts
+        elif ts < user.last_ts - self.settings.lateness_ms:
+            self.late.append(ev)
+            return
+        if ev.department is not None:
+            user.department = ev.department
+        recent = user.recent
+        recent.append(ev)
+        if len(recent) > self.settings.recent_events:
+            del recent[0]
+        self.dirty.add(name)
+        emit = self._emit
+        for handler in self._by_action[ev.action]:
+            handler(ev, user, emit)
+        if ts > self.max_ts:
+            self.max_ts = ts
+            if ts >= self._next_sweep:
+                self.sweep()
+
+    def process_all(self, events: Iterable[Event]) -> list[Alert]:
+        """Process events and return the alerts they produced."""
+        process = self.process
+        for ev in events:
+            process(ev)
+        return self.drain()
+
+    def drain(self) -> list[Alert]:
+        """Take the alerts produced so far."""
+        out, self.out = self.out, []
+        return out
+
+    def drain_late(self) -> list[Event]:
+        """Take the late events set aside so far."""
+        late, self.late = self.late, []
+        return late
+
+    def _emit_finding(
+        self,
+        rule: Rule,
+        reason: str,
+        ev: Event,
+        window_start_ms: int,
+        window_end_ms: int,
+        count: int,
+        key: str = "",
+        details: Mapping[str, Any] | None = None,
+        related: Callable[[Event], bool] | None = None,
+    ) -> None:
+        if self.settings.seeding:
+            return
+        user = self.users[ev.user]
+        akey = (rule.id, reason, window_start_ms, key)
+        finding = user.alerts.get(akey)
+        new = finding is None
+        if finding is None:
+            finding = user.alerts[akey] = _Finding(rule, reason, window_start_ms, window_end_ms)
+            finding.first = ev.ts_ms
+        ts = ev.ts_ms
+        if ts < finding.first:
+            finding.first = ts
+        if ts > finding.last:
+            finding.last = ts
+        if count > finding.count:
+            finding.count = count
+        if ev.department is not None:
+            finding.department = ev.department
+        elif finding.department is None:
+            finding.department = user.department
+        changed = new
+        if details:
+            for k, v in details.items():
+                if finding.details.get(k) != v:
+                    finding.details[k] = v
+                    changed = True
+        evidence = [ev] if related is None else [e for e in user.recent if e is ev or (window_start_ms <= e.ts_ms < window_end_ms and related(e))]
+        if ev not in evidence:
+            evidence.append(ev)
+        limit = self.settings.max_evidence
+        for e in evidence:
+            item = (e.ts_ms, e.event_id)
+            if item not in finding.evidence:
+                finding.evidence.append(item)
+                finding.evidence.sort()
+                del finding.evidence[limit:]
+            if len(finding.terminals) < limit:
+                finding.terminals.add(e.terminal)
+            if e.device is not None and len(finding.devices) < limit:
+                finding.devices.add(e.device)
+            if e.subject is not None and len(finding.subjects) < limit:
+                finding.subjects.add(e.subject)
+        finding.dirty = True
+        if changed or finding.count >= 2 * max(finding.emitted_count, 1):
+            self._publish(ev.user, akey, finding)
+
+    def _publish(self, user: str, akey: tuple[str, str, int, str], finding: _Finding) -> None:
+        rule = finding.rule
+        reason = rule.reason(finding.reason)
+        finding.revision += 1
+        finding.emitted_count = finding.count
+        finding.dirty = False
+        tz = self.tz
+        self.out.append(
+            Alert(
+                alert_id=alert_id_for(rule.id, finding.reason, user, finding.window_start, akey[3]),
+                rule_id=rule.id,
+                reason=finding.reason,
+                title=reason.title,
+                title_en=reason.title_en,
+                severity=reason.level,
+                viewpoint=rule.viewpoint,
+                user=user,
+                department=finding.department,
+                first_ts=format_ts(finding.first, tz),
+                last_ts=format_ts(finding.last, tz),
+                window_start=format_ts(finding.window_start, tz),
+                window_end=format_ts(finding.window_end, tz),
+                count=finding.count,
+                revision=finding.revision,
+                tags=rule.tags,
+                event_ids=tuple(i for _, i in finding.evidence),
+                terminals=tuple(sorted(finding.terminals)),
+                devices=tuple(sorted(finding.devices)),
+                subjects=tuple(sorted(finding.subjects)),
+                details=dict(finding.details),
+                last_ts_ms=finding.last,
+            )
+        )
+
+    # -- time ---------------------------------------------------------------
+
+    def sweep(self, watermark_ms: int | None = None) -> None:
+        """Close finished windows, expire old state and idle users.
+
+        Called by :meth:`process` once per event-time hour; the streaming
+        layer may call it with an explicit watermark (e.g. on idle partitions).
+        """
+        if watermark_ms is None:
+            watermark_ms = self.max_ts - self.settings.lateness_ms
+        self._next_sweep = (self.max_ts // HOUR_MS + 1) * HOUR_MS
+        idle_before = watermark_ms - self.settings.idle_ttl_ms
+        gone: list[str] = []
+        for name, user in self.users.items():
+            if user.alerts:
+                self._close_findings(name, user, watermark_ms)
+            slots = user.slots
+            for det in self.detectors:
+                state = slots[det.index]
+                if state is not None:
+                    slots[det.index] = det.expire(state, watermark_ms)
+            if user.last_ts < idle_before or (not user.alerts and all(s is None for s in slots) and user.last_ts < watermark_ms):
+                gone.append(name)
+        for name in gone:
+            del self.users[name]
+            self.dirty.add(name)
+
+    def _close_findings(self, name: str, user: UserState, watermark_ms: int) -> None:
+        closed = [k for k, f in user.alerts.items() if f.window_end <= watermark_ms]
+        for akey in closed:
+            finding = user.alerts.pop(akey)
+            if finding.dirty and finding.count != finding.emitted_count:
+                self._publish(name, akey, finding)
+            self.dirty.add(name)
+
+    def flush(self) -> list[Alert]:
+        """End of input (offline runs): publish every open finding's last changes."""
+        for name, user in self.users.items():
+            for akey, finding in user.alerts.items():
+                if finding.dirty and finding.count != finding.emitted_count:
+                    self._publish(name, akey, finding)
+        return self.drain()
+
+    # -- state --------------------------------------------------------------
+
+    def dump_user(self, name: str) -> bytes | None:
+        """One user's state as canonical JSON bytes; ``None`` if not tracked."""
+        user = self.users.get(name)
+        if user is None:
+            return None
+        doc = {
+            "v": _SNAPSHOT_VERSION,
+            "last": user.last_ts,
+            "dep": user.department,
+            "s": {det.rule.id: det.dump(user.slots[det.index]) for det in self.detectors if user.slots[det.index] is not None},
+            "a": [[list(k), f.dump()] for k, f in sorted(user.alerts.items())],
+        }
+        return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+
+    def load_user(self, name: str, data: bytes | None) -> None:
+        """Restore one user's state from :meth:`dump_user` (``None`` forgets the user)."""
+        if data is None:
+            self.users.pop(name, None)
+            return
+        doc = orjson.loads(data)
+        if doc.get("v") != _SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported snapshot version {doc.get('v')!r}")
+        user = UserState(len(self.detectors))
+        user.last_ts = doc["last"]
+        user.department = doc["dep"]
+        states = doc["s"]
+        for det in self.detectors:
+            if det.rule.id in states:
+                user.slots[det.index] = det.load(states[det.rule.id])
+        for key, data_ in doc["a"]:
+            if key[0] in self.rules:
+                user.alerts[(key[0], key[1], int(key[2]), key[3])] = _Finding.load(data_, self.rules)
+        self.users[name] = user
+        if user.last_ts > self.max_ts:
+            self.max_ts = user.last_ts
+            self._next_sweep = (self.max_ts // HOUR_MS + 1) * HOUR_MS
+
+    def snapshot(self) -> bytes:
+        """All state as one canonical JSON document."""
+        users = {name: orjson.Fragment(self.dump_user(name) or b"null") for name in sorted(self.users)}
+        return orjson.dumps({"v": _SNAPSHOT_VERSION, "max_ts": self.max_ts, "users": users}, option=orjson.OPT_SORT_KEYS)
+
+    def restore(self, data: bytes) -> None:
+        """Replace all state with a :meth:`snapshot`."""
+        doc = orjson.loads(data)
+        self.users.clear()
+        for name, user_doc in doc["users"].items():
+            self.load_user(name, orjson.dumps(user_doc))
+        self.max_ts = doc["max_ts"]
+        self._next_sweep = (self.max_ts // HOUR_MS + 1) * HOUR_MS
+
+    def clear_dirty(self) -> set[str]:
+        """Take the set of users changed since the last call (for checkpoints)."""
+        dirty, self.dirty = self.dirty, set()
+        return dirty
+
+    def seed(self, events: Iterable[Event]) -> int:
+        """Learn baselines from history without raising alerts; returns the count."""
+        saved = self.settings
+        self.settings = replace(saved, seeding=True)
+        count = 0
+        try:
+            for ev in events:
+                self.process(ev)
+                count += 1
+        finally:
+            self.settings = saved
+        self.out.clear()
+        return count
+
+
+def calendar_from_rules(rules: Iterable[Rule]) -> BusinessCalendar:
+    """The business calendar configured in the ``off_hours`` rule's params (or defaults)."""
+    from zoneinfo import ZoneInfo
+
+    for rule in rules:
+        if rule.detector != "off_hours":
+            continue
+        params = rule.params
+        hours_doc = params.get("business_hours") or {}
+        try:
+            default = parse_hours(str(hours_doc.get("default", "08:30-17:15")))
+            hours: dict[str, BusinessHours] = {
+                str(k): parse_hours(str(v)) for k, v in hours_doc.items() if k != "default"
+            }
+            tz = ZoneInfo(str(params.get("timezone", "Asia/Tokyo")))
+        except ValueError as exc:
+            raise RuleError(rule.source, "params.business_hours", str(exc)) from None
+        except Exception as exc:  # zoneinfo raises its own error types
+            raise RuleError(rule.source, "params.timezone", f"unknown time zone: {exc}") from None
+        extra = frozenset(date.fromisoformat(str(d)) for d in params.get("extra_holidays") or ())
+        return BusinessCalendar(tz=tz, default=default, hours=hours, year_end_closure=bool(params.get("year_end_closure", True)), extra_holidays=extra)
+    return BusinessCalendar()

@@ -1,0 +1,330 @@
+"""The canonical access/operation event and its JSON codec.
+
+One event is one operation by one staff account, as the PPC's sample log has
+it (日時, 職員名, 端末番号, 操作内容, 処理結果, 個人番号参照), plus optional context.
+Producers send JSON objects with exactly the field names below; see
+``event.schema.json`` beside this module for the JSON Schema.
+
+Decoding validates every field and raises :class:`EventError` naming the
+field and the reason. Values that look like personal numbers are replaced by
+keyed pseudonyms (see :mod:`schemas.mynumber`) and the event is flagged
+``pii_scrubbed``: nothing that leaves the pipeline carries one.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any, Final
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from schemas.mynumber import Pseudonymizer, contains_twelve_digits
+
+__all__ = [
+    "ACTIONS",
+    "DEFAULT_TZ",
+    "EXPORT_ACTIONS",
+    "LOOKUP_ACTIONS",
+    "MEDIA_ACTIONS",
+    "OPTIONAL_INT_FIELDS",
+    "OPTIONAL_STR_FIELDS",
+    "REQUIRED_FIELDS",
+    "RESULTS",
+    "SCHEMA_VERSION",
+    "Event",
+    "EventCodec",
+    "EventError",
+    "format_ts",
+    "parse_ts",
+]
+
+#: Version of the event contract. Bumped on any incompatible change.
+SCHEMA_VERSION: Final = 1
+
+DEFAULT_TZ: Final[tzinfo] = ZoneInfo("Asia/Tokyo")
+
+ACTIONS: Final = frozenset(
+    {
+        "login",
+        "logout",
+        "search",
+        "view",
+        "update",
+        "export",
+        "print",
+        "print_screen",
+        "usb_connect",
+        "usb_write",
+        "file_copy",
+    }
+)
+RESULTS: Final = frozenset({"success", "failure", "denied"})
+#: Actions that look a resident's record up.
+LOOKUP_ACTIONS: Final = frozenset({"search", "view"})
+#: Actions that write records out of the system (書き出し).
+EXPORT_ACTIONS: Final = frozenset({"export", "print", "file_copy"})
+#: Actions on removable media.
+MEDIA_ACTIONS: Final = frozenset({"usb_connect", "usb_write"})
+
+REQUIRED_FIELDS: Final = ("event_id", "ts", "user", "terminal", "action", "result", "mynumber_ref")
+OPTIONAL_STR_FIELDS: Final = ("subject", "device", "department", "system", "session", "location")
+OPTIONAL_INT_FIELDS: Final = ("records", "bytes")
+_KNOWN_FIELDS: Final = frozenset(
+    (*REQUIRED_FIELDS, *OPTIONAL_STR_FIELDS, *OPTIONAL_INT_FIELDS, "schema_version", "pii_scrubbed")
+)
+_MAX_STR = 512
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MS: Final = timedelta(milliseconds=1)
+
+
+class EventError(ValueError):
+    """An event that does not meet the contract: which field, and why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+    @property
+    def code(self) -> str:
+        """A short, bounded label for metrics: ``field.reason-kind``."""
+        return f"{self.field}.{self.reason.split(' ', 1)[0].rstrip(':')}"
+
+
+def parse_ts(value: str) -> int:
+    """RFC 3339 timestamp with a UTC offset to epoch milliseconds."""
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise EventError("ts", f"not an RFC 3339 timestamp: {value[:40]!r}") from None
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise EventError("ts", "missing UTC offset (naive timestamps are ambiguous)")
+    return (dt - _EPOCH) // _MS
+
+
+def format_ts(ts_ms: int, tz: tzinfo = DEFAULT_TZ) -> str:
+    """Epoch milliseconds to RFC 3339 in ``tz`` (second precision unless ms are set)."""
+    dt = (_EPOCH + timedelta(milliseconds=ts_ms)).astimezone(tz)
+    spec = "milliseconds" if ts_ms % 1000 else "seconds"
+    return dt.isoformat(timespec=spec)
+
+
+class Event:
+    """One validated, pseudonymised event. Times are epoch milliseconds (UTC)."""
+
+    __slots__ = (
+        "action",
+        "bytes",
+        "department",
+        "device",
+        "event_id",
+        "location",
+        "mynumber_ref",
+        "pii_scrubbed",
+        "records",
+        "result",
+        "session",
+        "subject",
+        "system",
+        "terminal",
+        "ts_ms",
+        "user",
+    )
+
+    def __init__(
+        self,
+        event_id: str,
+        ts_ms: int,
+        user: str,
+        terminal: str,
+        action: str,
+        result: str,
+        mynumber_ref: bool,
+        subject: str | None = None,
+        records: int | None = None,
+        bytes: int | None = None,  # noqa: A002 - the contract's field name
+        device: str | None = None,
+        department: str | None = None,
+        system: str | None = None,
+        session: str | None = None,
+        location: str | None = None,
+        pii_scrubbed: bool = False,
+    ) -> None:
+        self.event_id = event_id
+        self.ts_ms = ts_ms
+        self.user = user
+        self.terminal = terminal
+        self.action = action
+        self.result = result
+        self.mynumber_ref = mynumber_ref
+        self.subject = subject
+        self.records = records
+        self.bytes = bytes
+        self.device = device
+        self.department = department
+        self.system = system
+        self.session = session
+        self.location = location
+        self.pii_scrubbed = pii_scrubbed
+
+    def __repr__(self) -> str:
+        return f"Event({self.event_id!r}, {format_ts(self.ts_ms)}, {self.user!r}, {self.action}/{self.result})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return all(getattr(self, s) == getattr(other, s) for s in Event.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_dict(self, tz: tzinfo = DEFAULT_TZ) -> dict[str, Any]:
+        """The canonical JSON object (optional fields only when set)."""
+        out: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "event_id": self.event_id,
+            "ts": format_ts(self.ts_ms, tz),
+            "user": self.user,
+            "terminal": self.terminal,
+            "action": self.action,
+            "result": self.result,
+            "mynumber_ref": self.mynumber_ref,
+        }
+        for name in (*OPTIONAL_STR_FIELDS, *OPTIONAL_INT_FIELDS):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.pii_scrubbed:
+            out["pii_scrubbed"] = True
+        return out
+
+
+def _req_str(obj: dict[str, Any], name: str) -> str:
+    value = obj.get(name)
+    if value is None:
+        raise EventError(name, "required field is missing")
+    if type(value) is not str:
+        raise EventError(name, f"must be a string, got {type(value).__name__}")
+    if not value or len(value) > _MAX_STR:
+        raise EventError(name, f"must be 1..{_MAX_STR} characters")
+    return value
+
+
+class EventCodec:
+    """Validates, pseudonymises, encodes and decodes canonical events.
+
+    ``decode`` accepts one JSON object or a JSON array of objects (a batch) and
+    returns the events plus one :class:`EventError` per bad element, so one bad
+    event in a batch does not sink the others.
+    """
+
+    __slots__ = ("pseudonymizer", "tz")
+
+    def __init__(self, pseudonymizer: Pseudonymizer, tz: tzinfo = DEFAULT_TZ) -> None:
+        self.pseudonymizer = pseudonymizer
+        self.tz = tz
+
+    def from_dict(self, obj: Any, scrub: bool = True) -> Event:
+        """Validate one decoded JSON object into an :class:`Event`."""
+        if type(obj) is not dict:
+            raise EventError("$", f"an event must be a JSON object, got {type(obj).__name__}")
+        if scrub:
+            obj = self._scrub(obj)
+        version = obj.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise EventError("schema_version", f"unsupported version {version!r} (expected {SCHEMA_VERSION})")
+        unknown = obj.keys() - _KNOWN_FIELDS
+        if unknown:
+            raise EventError(sorted(unknown)[0], "unknown field")
+        ts = obj.get("ts")
+        if type(ts) is not str:
+            raise EventError("ts", "required field is missing" if ts is None else "must be a string")
+        action = obj.get("action")
+        if action not in ACTIONS:
+            raise EventError("action", f"must be one of {', '.join(sorted(ACTIONS))}; got {str(action)[:40]!r}")
+        result = obj.get("result")
+        if result not in RESULTS:
+            raise EventError("result", f"must be one of {', '.join(sorted(RESULTS))}; got {str(result)[:40]!r}")
+        ref = obj.get("mynumber_ref")
+        if type(ref) is not bool:
+            raise EventError("mynumber_ref", "must be true or false" if ref is not None else "required field is missing")
+        ev = Event(
+            _req_str(obj, "event_id"),
+            parse_ts(ts),
+            _req_str(obj, "user"),
+            _req_str(obj, "terminal"),
+            action,
+            result,
+            ref,
+            pii_scrubbed=obj.get("pii_scrubbed") is True,
+        )
+        if len(obj) > 7:  # only the required fields: nothing optional to read
+            for name in OPTIONAL_STR_FIELDS:
+                value = obj.get(name)
+                if value is not None:
+                    if type(value) is not str:
+                        raise EventError(name, f"must be a string, got {type(value).__name__}")
+                    if len(value) > _MAX_STR:
+                        raise EventError(name, f"longer than {_MAX_STR} characters")
+                    setattr(ev, name, value)
+            for name in OPTIONAL_INT_FIELDS:
+                value = obj.get(name)
+                if value is not None:
+                    if type(value) is not int:
+                        raise EventError(name, f"must be an integer, got {type(value).__name__}")
+                    if value < 0:
+                        raise EventError(name, "must not be negative")
+                    setattr(ev, name, value)
+        return ev
+
+    def _scrub(self, obj: dict[str, Any]) -> dict[str, Any]:
+        scrubbed = False
+        out: dict[str, Any] | None = None
+        for key, value in obj.items():
+            if type(value) is str:
+                new, hit = self.pseudonymizer.scrub(value)
+                if hit:
+                    if out is None:
+                        out = dict(obj)
+                    out[key] = new
+                    scrubbed = True
+            elif type(value) is int and 10**11 <= value < 10**12:
+                if out is None:
+                    out = dict(obj)
+                # Counts never legitimately look like a personal number: drop it.
+                out[key] = None if key in OPTIONAL_INT_FIELDS else self.pseudonymizer.token(str(value))
+                scrubbed = True
+        if out is None:
+            return obj
+        if scrubbed:
+            out["pii_scrubbed"] = True
+        return out
+
+    def decode(self, raw: bytes) -> tuple[list[Event], list[EventError]]:
+        """One message's bytes to events; malformed elements become errors."""
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return [], [EventError("$", f"invalid JSON: {str(exc)[:80]}")]
+        scrub = contains_twelve_digits(raw)
+        items = doc if type(doc) is list else (doc,)
+        events: list[Event] = []
+        errors: list[EventError] = []
+        from_dict = self.from_dict
+        for index, item in enumerate(items):
+            try:
+                events.append(from_dict(item, scrub))
+            except EventError as exc:
+                if type(doc) is list:
+                    exc = EventError(f"[{index}].{exc.field}", exc.reason)
+                errors.append(exc)
+        return events, errors
+
+    def encode(self, event: Event) -> bytes:
+        """One event as canonical JSON bytes."""
+        return orjson.dumps(event.to_dict(self.tz))
+
+    def encode_batch(self, events: list[Event]) -> bytes:
+        """Several events as one JSON array message."""
+        tz = self.tz
+        return orjson.dumps([e.to_dict(tz) for e in events])

@@ -1,0 +1,132 @@
+"""The canonical event contract and its codec."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+
+from schemas.event import ACTIONS, RESULTS, Event, EventCodec, EventError, format_ts, parse_ts
+from schemas.mynumber import Pseudonymizer, check_digit
+
+CODEC = EventCodec(Pseudonymizer(b"test-key-0123456789"))
+SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "event.schema.json"
+
+
+def base(**changes: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "event_id": "ev-1",
+        "ts": "2019-02-02T22:11:03+09:00",
+        "user": "osamu",
+        "terminal": "172.16.100.1",
+        "action": "search",
+        "result": "success",
+        "mynumber_ref": True,
+    }
+    doc.update(changes)
+    return {k: v for k, v in doc.items() if v is not None}
+
+
+class TestDecode:
+    """Decoding validates every field and names the culprit."""
+
+    def test_round_trip(self) -> None:
+        """An event decodes and encodes back to the same canonical object."""
+        doc = base(subject="r-1", records=5, department="税務課", location="office")
+        (ev,), errors = CODEC.decode(orjson.dumps(doc))
+        assert not errors
+        assert ev.ts_ms == parse_ts("2019-02-02T13:11:03Z")
+        again, _ = CODEC.decode(CODEC.encode(ev))
+        assert again == [ev]
+
+    def test_batch_keeps_good_events(self) -> None:
+        """A JSON array is a batch; a bad element does not sink the rest."""
+        raw = orjson.dumps([base(), base(action="dance"), base(event_id="ev-3")])
+        events, errors = CODEC.decode(raw)
+        assert [e.event_id for e in events] == ["ev-1", "ev-3"]
+        assert [e.field for e in errors] == ["[1].action"]
+
+    @pytest.mark.parametrize(
+        ("doc", "field", "words"),
+        [
+            (base(user=None), "user", "missing"),
+            (base(ts="2019-02-02 22:11:03"), "ts", "missing UTC offset"),
+            (base(ts="yesterday"), "ts", "RFC 3339"),
+            (base(action="dance"), "action", "must be one of"),
+            (base(result="ok"), "result", "must be one of"),
+            (base(mynumber_ref="yes"), "mynumber_ref", "true or false"),
+            (base(records=-1), "records", "negative"),
+            (base(records="5"), "records", "integer"),
+            (base(subject=5), "subject", "string"),
+            (base(colour="red"), "colour", "unknown field"),
+            (base(schema_version=2), "schema_version", "unsupported"),
+            (base(user=""), "user", "characters"),
+        ],
+    )
+    def test_errors_name_field_and_reason(self, doc: dict[str, object], field: str, words: str) -> None:
+        """Each kind of bad input yields an EventError naming the field."""
+        events, errors = CODEC.decode(orjson.dumps(doc))
+        assert events == []
+        assert errors[0].field == field
+        assert words in errors[0].reason
+
+    @pytest.mark.parametrize("raw", [b"", b"{", b"[1,2", b"\xff\xfe", b"null", b"42"])
+    def test_garbage_is_an_error_not_a_crash(self, raw: bytes) -> None:
+        """Malformed bytes give an error, never an exception."""
+        events, errors = CODEC.decode(raw)
+        assert events == [] and len(errors) == 1
+
+    def test_personal_numbers_are_pseudonymised(self) -> None:
+        """A valid personal number in any field is replaced and the event flagged."""
+        number = "12345678901" + str(check_digit("12345678901"))
+        doc = base(subject=number, terminal=f"pc-{number}", event_id=number)
+        (ev,), _ = CODEC.decode(orjson.dumps(doc))
+        assert ev.pii_scrubbed
+        text = orjson.dumps(ev.to_dict()).decode()
+        assert number not in text
+        assert ev.subject is not None and ev.subject.startswith("mn_")
+
+    def test_integer_personal_number_is_pseudonymised(self) -> None:
+        """A personal number sent as a JSON integer is replaced too."""
+        number = int("12345678901" + str(check_digit("12345678901")))
+        (ev,), _ = CODEC.decode(orjson.dumps(base(records=number)))
+        assert ev.pii_scrubbed and ev.records is None
+
+    def test_actions_and_results_cover_the_contract(self) -> None:
+        """The contract's action and result vocabularies are all accepted."""
+        assert {"login", "logout", "search", "view", "update", "export", "print", "print_screen", "usb_connect", "usb_write", "file_copy"} <= ACTIONS
+        assert {"success", "failure", "denied"} == RESULTS
+
+
+class TestTimestamps:
+    """Times are event time, timezone-aware."""
+
+    def test_format_in_tokyo(self) -> None:
+        """Epoch ms formats in Asia/Tokyo by default."""
+        assert format_ts(parse_ts("2019-02-02T13:11:03Z")) == "2019-02-02T22:11:03+09:00"
+
+    def test_millis_kept(self) -> None:
+        """Milliseconds survive a round trip."""
+        assert format_ts(parse_ts("2019-02-02T13:11:03.250Z")).endswith(".250+09:00")
+
+
+class TestJsonSchema:
+    """The JSON Schema for producers matches the codec."""
+
+    def test_schema_lists_the_fields(self) -> None:
+        """Required and optional fields in the schema are the codec's."""
+        schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+        assert set(schema["required"]) == {"event_id", "ts", "user", "terminal", "action", "result", "mynumber_ref"}
+        assert set(schema["properties"]["action"]["enum"]) == set(ACTIONS)
+        assert set(schema["properties"]["result"]["enum"]) == set(RESULTS)
+        assert schema["additionalProperties"] is False
+
+    def test_event_equality_is_by_value(self) -> None:
+        """Two events with equal fields are equal."""
+        a = Event("1", 0, "u", "t", "view", "success", False)
+        b = Event("1", 0, "u", "t", "view", "success", False)
+        assert a == b
+        b.subject = "x"
+        assert a != b
