@@ -128,7 +128,7 @@ class Detector(ABC, Generic[S, C]):
         self.settings: C = settings_from_params(self.settings_type, rule.params, rule.source)
         self.check_settings()
 
-    def check_settings(self) -> None:  # noqa: B027 - optional hook
+    def check_settings(self) -> None:
         """Cross-field validation; raise :class:`RuleError` naming the param."""
 
     def error(self, param: str, reason: str) -> RuleError:
@@ -199,9 +199,10 @@ def settings_from_params(settings_type: type[Any], params: Mapping[str, Any], so
         by_param[f.name[:-3] if f.name.endswith("_ms") else f.name] = f
     kwargs: dict[str, Any] = {}
     for key, value in params.items():
-        f = by_param.get(key)
-        if f is None:
+        found = by_param.get(key)
+        if found is None:
             raise RuleError(source, f"params.{key}", f"unknown parameter (known: {', '.join(sorted(by_param))})")
+        f = found
         if f.name.endswith("_ms"):
             try:
                 kwargs[f.name] = parse_duration(value)

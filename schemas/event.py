@@ -143,7 +143,7 @@ class Event:
         mynumber_ref: bool,
         subject: str | None = None,
         records: int | None = None,
-        bytes: int | None = None,  # noqa: A002 - the contract's field name
+        bytes: int | None = None,
         device: str | None = None,
         department: str | None = None,
         system: str | None = None,

@@ -6,7 +6,7 @@ HMAC pseudonym keeps equal numbers equal (detectors can still count repeats)
 without being reversible by anyone who lacks the key.
 
 A run of exactly 12 digits (optionally grouped ``1234 5678 9012`` or
-``1234-5678-9012``) is replaced whether or not its check digit is valid: a
+``1234-5678-9012``, ASCII or full-width digits) is replaced whether or not its check digit is valid: a
 mistyped personal number is still a personal number, and the downstream
 leak test rejects any 12-digit run in any output. ``is_valid_mynumber``
 tells the two apart so the pipeline can count real ones.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import unicodedata
 
 __all__ = [
     "MYNUMBER_PATTERN",
@@ -27,8 +28,12 @@ __all__ = [
 ]
 
 #: A standalone 12-digit run, plain or grouped 4-4-4 by one space or hyphen.
-MYNUMBER_PATTERN = re.compile(r"(?<![0-9])(?:[0-9]{12}|[0-9]{4}([ \-])[0-9]{4}\1[0-9]{4})(?![0-9])")
+#: ``\d`` is Unicode-aware: full-width digits (０-９), common in Japanese
+#: exports, are caught too.
+MYNUMBER_PATTERN = re.compile(r"(?<!\d)(?:\d{12}|\d{4}([ \-　－])\d{4}\1\d{4})(?!\d)")
 _BYTES_PATTERN = re.compile(rb"[0-9]{4}[ \-]?[0-9]{4}[ \-]?[0-9]{4}")
+#: UTF-8 lead bytes of full-width forms (U+FF00-U+FFEF): such input is scanned in full.
+_FULLWIDTH = b"\xef\xbc"
 
 _WEIGHTS = (2, 3, 4, 5, 6, 7, 2, 3, 4, 5, 6)  # Q_n for n = 1..11, P_1 = rightmost body digit
 
@@ -48,17 +53,24 @@ def check_digit(body: str) -> int:
     return 0 if remainder <= 1 else 11 - remainder
 
 
+def _digits(value: str) -> str:
+    """The ASCII digits of a (possibly full-width, grouped) number."""
+    return "".join(str(unicodedata.digit(c)) for c in value if c.isdigit())
+
+
 def is_valid_mynumber(value: str) -> bool:
-    """True when ``value`` is 12 ASCII digits whose last digit checks out."""
-    digits = value.replace(" ", "").replace("-", "")
-    if len(digits) != 12 or not digits.isascii() or not digits.isdigit():
+    """True when ``value`` is 12 digits (ASCII or full-width) whose last digit checks out."""
+    if any(not (c.isdigit() or c in " -　－") for c in value):
+        return False
+    digits = _digits(value)
+    if len(digits) != 12:
         return False
     return check_digit(digits[:11]) == int(digits[11])
 
 
 def contains_twelve_digits(raw: bytes) -> bool:
     """Cheap pre-check on raw bytes: could anything in here be a personal number?"""
-    return _BYTES_PATTERN.search(raw) is not None
+    return _FULLWIDTH in raw or _BYTES_PATTERN.search(raw) is not None
 
 
 class Pseudonymizer:
@@ -79,9 +91,10 @@ class Pseudonymizer:
 
     def token(self, number: str) -> str:
         """The pseudonymous token for one personal number."""
-        digits = number.replace(" ", "").replace("-", "")
+        digits = _digits(number)
         mac = hmac.new(self._key, digits.encode("ascii"), hashlib.sha256).hexdigest()
-        return "mn_" + mac[:20]
+        # Groups of 8 hex digits: no run of 12 decimal digits can appear by chance.
+        return f"mn_{mac[:8]}-{mac[8:16]}"
 
     def _replace(self, match: re.Match[str]) -> str:
         text = match.group(0)

@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from detectors.engine import DETECTORS, Engine
-from detectors.rules import DEFAULT_RULES_DIR, VIEWPOINTS, RuleError, apply_overrides, load_overrides, load_rule_file, load_rules, rule_from_dict
+from detectors.rules import (
+    DEFAULT_RULES_DIR,
+    VIEWPOINTS,
+    RuleError,
+    apply_overrides,
+    load_overrides,
+    load_rule_file,
+    load_rules,
+    rule_from_dict,
+)
 
 RULE_FILES = sorted(DEFAULT_RULES_DIR.glob("*.yml"))
 

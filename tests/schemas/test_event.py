@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from schemas.event import ACTIONS, RESULTS, Event, EventCodec, EventError, format_ts, parse_ts
+from schemas.event import ACTIONS, RESULTS, Event, EventCodec, format_ts, parse_ts
 from schemas.mynumber import Pseudonymizer, check_digit
 
 CODEC = EventCodec(Pseudonymizer(b"test-key-0123456789"))

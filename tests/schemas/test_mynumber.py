@@ -83,3 +83,33 @@ class TestPseudonymizer:
         """The raw-bytes pre-check sees 12 digits, grouped or not."""
         assert contains_twelve_digits(b'{"s":"1234 5678 9012"}')
         assert not contains_twelve_digits(b'{"ts":"2019-02-02T22:11:03+09:00"}')
+
+
+class TestNoAccidentalTwelveDigits:
+    """Tokens and alert ids can never contain a 12-digit run by chance."""
+
+    LEAK = re.compile(r"(?<!\d)\d{12}(?!\d)")
+
+    def test_full_width_digits(self) -> None:
+        """Full-width personal numbers (common in Japanese exports) are replaced too."""
+        n = valid("12345678901")
+        wide = n.translate(str.maketrans("0123456789", "０１２３４５６７８９"))
+        p = Pseudonymizer(KEY)
+        out, hit = p.scrub(f"番号{wide}です")
+        assert hit and wide not in out and p.token(wide) == p.token(n)
+        assert is_valid_mynumber(wide)
+        assert contains_twelve_digits(wide.encode())
+
+    @given(st.binary(min_size=1, max_size=32))
+    def test_tokens_have_no_twelve_digit_run(self, key_tail: bytes) -> None:
+        """Whatever the key, a token has no 12-digit run."""
+        p = Pseudonymizer(b"k" * 16 + key_tail)
+        for body in ("12345678901", "99999999999", "00000000001"):
+            assert not self.LEAK.search(p.token(valid(body)))
+
+    @given(st.text(max_size=20), st.integers(min_value=0, max_value=2**45))
+    def test_alert_ids_have_no_twelve_digit_run(self, user: str, window: int) -> None:
+        """Alert ids are hex in groups of 8, never 12 digits in a row."""
+        from schemas.alert import alert_id_for
+
+        assert not self.LEAK.search(alert_id_for("r", "x", user, window))
