@@ -20,8 +20,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import date
-from datetime import tzinfo
+from datetime import date, tzinfo
 from typing import Any, Final
 
 import orjson
@@ -127,7 +126,8 @@ class _Finding:
         self.first = 0
         self.last = 0
         self.count = 0
-        self.evidence: list[tuple[int, str]] = []
+        #: Evidence rows ``[ts, event_id, action, result, terminal, subject, records, device]``, oldest first.
+        self.evidence: list[list[Any]] = []
         self.terminals: set[str] = set()
         self.devices: set[str] = set()
         self.subjects: set[str] = set()
@@ -146,7 +146,7 @@ class _Finding:
             self.first,
             self.last,
             self.count,
-            [list(e) for e in self.evidence],
+            self.evidence,
             sorted(self.terminals),
             sorted(self.devices),
             sorted(self.subjects),
@@ -161,11 +161,29 @@ class _Finding:
     def load(cls, data: list[Any], rules: Mapping[str, Rule]) -> _Finding:
         f = cls(rules[data[0]], data[1], data[2], data[3])
         f.first, f.last, f.count = data[4], data[5], data[6]
-        f.evidence = [(int(t), str(i)) for t, i in data[7]]
+        f.evidence = [list(row) for row in data[7]]
         f.terminals, f.devices, f.subjects = set(data[8]), set(data[9]), set(data[10])
         f.details, f.department = dict(data[11]), data[12]
         f.revision, f.emitted_count, f.dirty = data[13], data[14], data[15]
         return f
+
+
+def _row(e: Event) -> list[Any]:
+    return [e.ts_ms, e.event_id, e.action, e.result, e.terminal, e.subject, e.records, e.device]
+
+
+def _row_order(row: list[Any]) -> tuple[int, str]:
+    return (row[0], row[1])
+
+
+_ROW_KEYS: Final = ("ts", "event_id", "action", "result", "terminal", "subject", "records", "device")
+
+
+def _row_dict(row: list[Any], tz: tzinfo) -> dict[str, Any]:
+    """An evidence row as published: pseudonymous references only, never raw values."""
+    out = {k: v for k, v in zip(_ROW_KEYS, row, strict=True) if v is not None}
+    out["ts"] = format_ts(row[0], tz)
+    return out
 
 
 class Engine:
@@ -328,12 +346,12 @@ class Engine:
         if ev not in evidence:
             evidence.append(ev)
         limit = self.settings.max_evidence
+        rows = finding.evidence
         for e in evidence:
-            item = (e.ts_ms, e.event_id)
-            if item not in finding.evidence:
-                finding.evidence.append(item)
-                finding.evidence.sort()
-                del finding.evidence[limit:]
+            if not any(r[0] == e.ts_ms and r[1] == e.event_id for r in rows):
+                rows.append(_row(e))
+                rows.sort(key=_row_order)
+                del rows[limit:]
             if len(finding.terminals) < limit:
                 finding.terminals.add(e.terminal)
             if e.device is not None and len(finding.devices) < limit:
@@ -369,11 +387,15 @@ class Engine:
                 count=finding.count,
                 revision=finding.revision,
                 tags=rule.tags,
-                event_ids=tuple(i for _, i in finding.evidence),
+                event_ids=tuple(r[1] for r in finding.evidence),
                 terminals=tuple(sorted(finding.terminals)),
                 devices=tuple(sorted(finding.devices)),
                 subjects=tuple(sorted(finding.subjects)),
-                details=dict(finding.details),
+                details={
+                    **finding.details,
+                    "events": [_row_dict(r, tz) for r in finding.evidence],
+                    "timeline": [_row_dict(_row(e), tz) for e in self.users[user].recent] if user in self.users else [],
+                },
                 last_ts_ms=finding.last,
             )
         )

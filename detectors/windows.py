@@ -12,7 +12,7 @@ same whatever order the events arrived in within the allowed lateness.
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, bisect_right
 from typing import Any
 
 __all__ = [
