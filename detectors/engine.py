@@ -408,19 +408,25 @@ class Engine:
         Called by :meth:`process` once per event-time hour; the streaming
         layer may call it with an explicit watermark (e.g. on idle partitions).
         """
+        explicit = watermark_ms is not None
         if watermark_ms is None:
             watermark_ms = self.max_ts - self.settings.lateness_ms
         self._next_sweep = (self.max_ts // HOUR_MS + 1) * HOUR_MS
         idle_before = watermark_ms - self.settings.idle_ttl_ms
+        lateness = self.settings.lateness_ms
         gone: list[str] = []
         for name, user in self.users.items():
+            # Lateness is per user (one shipper may lag behind the others), so
+            # event-driven sweeps close a user's windows by that user's own
+            # watermark; an explicit watermark (time has passed) applies to all.
+            user_mark = watermark_ms if explicit else min(watermark_ms, user.last_ts - lateness)
             if user.alerts:
-                self._close_findings(name, user, watermark_ms)
+                self._close_findings(name, user, user_mark)
             slots = user.slots
             for det in self.detectors:
                 state = slots[det.index]
                 if state is not None:
-                    slots[det.index] = det.expire(state, watermark_ms)
+                    slots[det.index] = det.expire(state, user_mark)
             if user.last_ts < idle_before or (not user.alerts and all(s is None for s in slots) and user.last_ts < watermark_ms):
                 gone.append(name)
         for name in gone:

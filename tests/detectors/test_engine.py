@@ -106,3 +106,18 @@ class TestSnapshots:
         eng.clear_dirty()
         eng.process(event("2019-02-10T10:00:00+09:00", user="new", mynumber_ref=False))
         assert "old" not in eng.users and "old" in eng.dirty
+
+
+class TestPerUserWatermark:
+    """A lagging shipper's users keep their windows open."""
+
+    def test_lagging_user_windows_survive_sweeps(self) -> None:
+        """Sweeps driven by other users' newer events don't close a lagging user's findings."""
+        eng = engine(lateness_ms=3_600_000)
+        eng.process(event("2019-02-04T22:00:00+09:00", user="slow", event_id="s1"))
+        # Another user's events run two days ahead and trigger sweeps.
+        eng.process(event("2019-02-06T12:00:00+09:00", user="fast", mynumber_ref=False))
+        eng.process(event("2019-02-04T22:30:00+09:00", user="slow", event_id="s2"))
+        final = final_alerts(eng.process_all([]) + eng.flush())
+        slow = [a for a in final.values() if a.user == "slow"]
+        assert len(slow) == 1 and slow[0].count == 2
