@@ -1,0 +1,271 @@
+"""The same person's record looked up again and again by one member of staff.
+
+PPC viewpoint 5 (同一人物の繰り返し参照). Counter work opens one resident's
+record a few times while serving them (search, view, view again after an
+update: typically 3-5 look-ups in a visit); a member of staff who keeps
+coming back to one record far more often than that is either fixated on a
+person (an acquaintance, a celebrity) or running a script.
+
+Reasons, each one finding per (user, subject, tumbling window of the fire):
+
+``same_subject``
+    ``threshold`` successful look-ups (``search``/``view``) of the same
+    ``subject`` token within a sliding ``window`` (default 10 within 1 h: twice
+    the upper end of ordinary counter work).
+``repeated_failures``
+    ``failure_threshold`` failed or denied look-ups of the same subject
+    within ``failure_window`` (default 3 within 1 h): someone trying to open a
+    record they have no rights to.
+
+``mynumber_ref`` is not required: the subject token already identifies the
+resident, and looking at their record repeatedly is the concern even on
+screens that do not show the number. Look-ups without a subject are ignored.
+
+Each finding's key is the subject token (pseudonymous, never a number) and its
+window is the local-time-aligned tumbling window of ``window`` size holding
+the look-up that crossed the threshold, so ids do not depend on arrival order.
+
+State per user: the recent look-up times per subject, for at most
+``max_subjects`` subjects (least recently looked up evicted first), pruned on
+every sweep. Successful look-ups are the most common event of all, so their
+times are kept as sorted 64-bit integers packed into ``bytes``: appending is
+one concatenation, and, unlike lists or tuples, ``bytes`` are invisible to
+the garbage collector (with a list per subject, its scans cost more than the
+detection itself). The same sliding rule as
+:class:`~detectors.windows.SlidingWindow` applies (a look-up at ``t`` fires
+when ``(t - window, t]`` holds ``threshold`` look-ups). Failures, which are
+rare, use :class:`~detectors.windows.SlidingWindow` itself.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from bisect import bisect_left, bisect_right, insort
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any, Final
+
+from detectors.base import DAY_MS, HOUR_MS, Detector, Emitter, UserState
+from detectors.windows import SlidingWindow, tumbling_start
+from schemas.event import LOOKUP_ACTIONS, Event
+
+__all__ = ["RepeatedQueriesDetector", "RepeatedQueriesSettings"]
+
+#: Look-up times kept per subject at most (a runaway script cannot grow state without bound).
+MAX_TIMES_PER_SUBJECT: Final = 1000
+_MAX_BYTES: Final = 8 * MAX_TIMES_PER_SUBJECT
+_MS: Final = timedelta(milliseconds=1)
+#: Look-up times are packed as native signed 64-bit integers (``array("q")`` layout).
+_TIME: Final = struct.Struct("q")
+_pack: Final = _TIME.pack
+_unpack_from: Final = _TIME.unpack_from
+
+
+def _unpack(times: bytes) -> array[int]:
+    """Packed look-up times to an ``array("q")`` (sorted, so bisect works on it)."""
+    decoded = array("q")
+    decoded.frombytes(times)
+    return decoded
+
+
+def _local_offset_ms(tz: tzinfo, ts_ms: int) -> int:
+    """The UTC offset of ``tz`` at ``ts_ms``, in milliseconds (for local-aligned windows)."""
+    offset = datetime.fromtimestamp(ts_ms // 1000, UTC).astimezone(tz).utcoffset()
+    return 0 if offset is None else offset // _MS
+
+
+@dataclass(frozen=True, slots=True)
+class RepeatedQueriesSettings:
+    """Parameters of the ``repeated_queries`` rule."""
+
+    #: Successful look-ups of one subject within ``window`` that raise ``same_subject``.
+    threshold: int = 10
+    window_ms: int = HOUR_MS
+    #: Failed/denied look-ups of one subject within ``failure_window`` that raise ``repeated_failures``.
+    failure_threshold: int = 3
+    failure_window_ms: int = HOUR_MS
+    #: Subjects tracked per user at most; the least recently looked up is forgotten first.
+    max_subjects: int = 256
+
+
+class _Lookups:
+    """One user's recent look-ups: subject -> sorted times (ok) / sliding window (failed)."""
+
+    __slots__ = ("bad", "ok")
+
+    def __init__(self) -> None:
+        self.ok: dict[str, bytes] = {}
+        self.bad: dict[str, SlidingWindow] = {}
+
+
+class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
+    """Alerts when one user looks the same subject up again and again."""
+
+    name = "repeated_queries"
+    actions = LOOKUP_ACTIONS
+    settings_type = RepeatedQueriesSettings
+
+    __slots__ = ("_max_subjects", "_threshold_bytes", "_window_ms")
+
+    def check_settings(self) -> None:
+        """Thresholds of at least 2 (one look-up is not "repeated"), windows up to 31 days."""
+        s = self.settings
+        if not 2 <= s.threshold <= MAX_TIMES_PER_SUBJECT:
+            raise self.error("threshold", f"must be between 2 and {MAX_TIMES_PER_SUBJECT}")
+        if not 2 <= s.failure_threshold <= MAX_TIMES_PER_SUBJECT:
+            raise self.error("failure_threshold", f"must be between 2 and {MAX_TIMES_PER_SUBJECT}")
+        if s.window_ms > 31 * DAY_MS:
+            raise self.error("window", "must be at most 31d")
+        if s.failure_window_ms > 31 * DAY_MS:
+            raise self.error("failure_window", "must be at most 31d")
+        if not 1 <= s.max_subjects <= 100_000:
+            raise self.error("max_subjects", "must be between 1 and 100000")
+        # Copied into slots: the hot path reads them once per look-up.
+        self._max_subjects = s.max_subjects
+        self._threshold_bytes = 8 * s.threshold
+        self._window_ms = s.window_ms
+
+    def process(self, ev: Event, user: UserState, emit: Emitter) -> None:
+        """Record one look-up of a subject; alert when it repeats too often."""
+        subject = ev.subject
+        if subject is None:
+            return
+        state: _Lookups | None = user.slots[self.index]
+        if state is None:
+            state = user.slots[self.index] = _Lookups()
+        if ev.result != "success":
+            self._failure(state, subject, ev, emit)
+            return
+        # Hot path: most events are successful look-ups of a subject.
+        book = state.ok
+        ts = ev.ts_ms
+        times = book.pop(subject, None)
+        if times is None:
+            if len(book) >= self._max_subjects:
+                del book[next(iter(book))]
+            book[subject] = _pack(ts)
+            return  # threshold >= 2: a first look-up never fires
+        if ts >= _unpack_from(times, -8)[0]:
+            times += _pack(ts)
+            if len(times) > _MAX_BYTES:
+                times = times[8:]
+            book[subject] = times  # re-inserted: dict order is least recently used first
+            k = len(times) - self._threshold_bytes
+            if k < 0 or _unpack_from(times, k)[0] <= ts - self._window_ms:
+                return
+            decoded = _unpack(times)
+            candidates = [ts]
+        else:
+            decoded = _unpack(times)
+            insort(decoded, ts)
+            if len(decoded) > MAX_TIMES_PER_SUBJECT:
+                del decoded[0]
+            book[subject] = decoded.tobytes()
+            window = self.settings.window_ms
+            # A late look-up raises the count of every later look-up within the window.
+            candidates = sorted(set(decoded[bisect_left(decoded, ts) : bisect_left(decoded, ts + window)]))
+        self._fire_lookups(ev, subject, decoded, candidates, emit)
+
+    def _fire_lookups(self, ev: Event, subject: str, times: array[int], candidates: list[int], emit: Emitter) -> None:
+        s = self.settings
+        window, threshold = s.window_ms, s.threshold
+
+        def related(e: Event) -> bool:
+            return e.subject == subject and e.result == "success" and e.action in LOOKUP_ACTIONS
+
+        for t in candidates:
+            total = bisect_right(times, t) - bisect_right(times, t - window)
+            if total >= threshold:
+                start = tumbling_start(t, window, _local_offset_ms(self.calendar.tz, t))
+                emit(
+                    self.rule,
+                    "same_subject",
+                    ev,
+                    start,
+                    start + window,
+                    total,
+                    key=subject,
+                    details={"threshold": threshold, "window_minutes": window // 60_000},
+                    related=related,
+                )
+
+    def _failure(self, state: _Lookups, subject: str, ev: Event, emit: Emitter) -> None:
+        s = self.settings
+        window, threshold = s.failure_window_ms, s.failure_threshold
+        book = state.bad
+        sliding = book.pop(subject, None)
+        if sliding is None:
+            if len(book) >= s.max_subjects:
+                del book[next(iter(book))]
+            sliding = SlidingWindow()
+        book[subject] = sliding
+        ts = ev.ts_ms
+        if len(sliding) >= MAX_TIMES_PER_SUBJECT:
+            sliding.prune(sliding.times[0])
+        sliding.add(ts, window, threshold)
+        # Every fired look-up whose count this one raised (new fires included).
+        fired = sorted(t for t in sliding.fired if ts <= t < ts + window)
+        if not fired:
+            return
+
+        def related(e: Event) -> bool:
+            return e.subject == subject and e.result != "success" and e.action in LOOKUP_ACTIONS
+
+        for t in fired:
+            start = tumbling_start(t, window, _local_offset_ms(self.calendar.tz, t))
+            emit(
+                self.rule,
+                "repeated_failures",
+                ev,
+                start,
+                start + window,
+                sliding.total(t - window, t),
+                key=subject,
+                details={"threshold": threshold, "window_minutes": window // 60_000},
+                related=related,
+            )
+
+    def dump(self, state: _Lookups) -> Any:
+        """``{"ok": [[subject, times]...], "bad": [[subject, window]...]}``, least recent first."""
+        return {
+            "ok": [[subject, _unpack(times).tolist()] for subject, times in state.ok.items()],
+            "bad": [[subject, sliding.dump()] for subject, sliding in state.bad.items()],
+        }
+
+    def load(self, data: Any) -> _Lookups:
+        """Inverse of :meth:`dump`."""
+        state = _Lookups()
+        state.ok = {str(subject): array("q", [int(t) for t in times]).tobytes() for subject, times in data["ok"]}
+        state.bad = {str(subject): SlidingWindow.load(w) for subject, w in data["bad"]}
+        return state
+
+    def expire(self, state: _Lookups, watermark_ms: int) -> _Lookups | None:
+        """Forget subjects whose look-ups are all older than any open window can need.
+
+        A subject still being looked up keeps its older times (at most
+        ``MAX_TIMES_PER_SUBJECT``); they never count in a window that is still open.
+        """
+        book = state.ok
+        if book:
+            # Least recently looked up first: stop at the first subject still in use,
+            # so each subject costs one visit when it goes, not one per sweep.
+            before = watermark_ms - self.settings.window_ms
+            stale: list[str] = []
+            for subject, times in book.items():
+                if _unpack_from(times, -8)[0] > before:
+                    break
+                stale.append(subject)
+            if len(stale) == len(book):
+                state.ok = {}
+            else:
+                for subject in stale:
+                    del book[subject]
+        if state.bad:
+            before = watermark_ms - self.settings.failure_window_ms
+            for sliding in state.bad.values():
+                sliding.prune(before)
+            state.bad = {subject: w for subject, w in state.bad.items() if len(w)}
+        if not state.ok and not state.bad:
+            return None
+        return state

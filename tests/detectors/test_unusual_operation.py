@@ -1,0 +1,277 @@
+"""UnusualOperationDetector: operations not normally performed (PPC viewpoint 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detectors.engine import Engine
+from detectors.rules import RuleError
+from detectors.testing import event, final_alerts, load_samples, rule, run_rule
+from schemas.alert import Alert
+from schemas.event import Event, format_ts, parse_ts
+
+NAME = "unusual_operation"
+SAMPLES = Path(__file__).resolve().parents[1] / "samples" / NAME
+T0 = parse_ts("2019-02-04T10:00:00+09:00")
+DAY = 86_400_000
+
+
+def at(seconds: float = 0, days: float = 0) -> str:
+    """RFC 3339 time relative to 2019-02-04 10:00 JST."""
+    return format_ts(T0 + int(seconds * 1000 + days * DAY))
+
+
+def history(first_days_before: float, exports_days_before: tuple[float, ...] = ()) -> list[Event]:
+    """A user seen since ``first_days_before`` (a search every few days) with the given exports."""
+    events = [event(at(days=-d), action="search", subject="mn_3fa2c9e1b7d04a6f5c28") for d in range(int(first_days_before), 0, -5)]
+    events.append(event(at(days=-first_days_before), action="search"))
+    events += [event(at(days=-d), action="export", records=10) for d in exports_days_before]
+    return sorted(events, key=lambda e: e.ts_ms)
+
+
+def reasons(alerts: list[Alert]) -> list[tuple[str, int]]:
+    """Final alerts as sorted (reason, count) pairs."""
+    return sorted((a.reason, a.count) for a in final_alerts(alerts).values())
+
+
+def summary(alerts: list[Alert]) -> dict[str, tuple[str, int]]:
+    """Final alerts as id -> (reason, count)."""
+    return {k: (a.reason, a.count) for k, a in final_alerts(alerts).items()}
+
+
+class TestPrintScreen:
+    """Print screen while personal numbers are shown."""
+
+    @pytest.mark.parametrize(
+        ("fields", "expected"),
+        [
+            ({}, [("print_screen", 1)]),
+            ({"mynumber_ref": False}, []),
+            ({"result": "denied"}, []),  # an attempt: unauthorized_attempts raises it
+        ],
+    )
+    def test_fires_with_personal_data(self, fields: dict[str, Any], expected: list[tuple[str, int]]) -> None:
+        """Only a successful print screen with personal data on screen alerts."""
+        assert reasons(run_rule(NAME, [event(at(), action="print_screen", **fields)])) == expected
+
+    def test_one_finding_per_local_day(self) -> None:
+        """Print screens add up within the local day; the next day is a new finding."""
+        events = [event(at(s), action="print_screen") for s in (0, 60, 120)] + [event(at(days=1), action="print_screen")]
+        alerts = run_rule(NAME, events)
+        assert reasons(alerts) == [("print_screen", 1), ("print_screen", 3)]
+        assert {a.window_start for a in alerts} == {"2019-02-04T00:00:00+09:00", "2019-02-05T00:00:00+09:00"}
+        assert {a.severity for a in alerts} == {"high"}
+
+    def test_evidence_is_the_print_screens(self) -> None:
+        """The evidence lists the day's print screens, not the searches between them."""
+        events = [event(at(0), action="print_screen"), event(at(30), action="search"), event(at(60), action="print_screen")]
+        (alert,) = final_alerts(run_rule(NAME, events)).values()
+        assert set(alert.event_ids) == {events[0].event_id, events[2].event_id}
+
+
+class TestFirstExport:
+    """A write-out of personal data by a user who does not write out."""
+
+    @pytest.mark.parametrize(
+        ("first", "exports", "expected"),
+        [
+            (15, (), [("first_export", 1)]),
+            (14, (), [("first_export", 1)]),  # observed exactly the warm-up
+            (13.9, (), []),  # not observed long enough
+            (100, (30,), []),  # a monthly exporter
+            (100, (90,), []),  # still an exporter after 90 days
+            (120, (91,), [("first_export", 1)]),  # forgotten: a non-exporter again
+        ],
+    )
+    def test_baseline(self, first: float, exports: tuple[float, ...], expected: list[tuple[str, int]]) -> None:
+        """Alerts only when the user was observed long enough and has no recent export."""
+        alerts = run_rule(NAME, [event(at(), action="export", records=500)], history=history(first, exports))
+        assert reasons(alerts) == expected
+        assert all(a.severity == "medium" for a in alerts)
+
+    @pytest.mark.parametrize("action", ["export", "file_copy", "print"])
+    def test_write_out_actions(self, action: str) -> None:
+        """Export, file copy and print all count as write-outs."""
+        assert reasons(run_rule(NAME, [event(at(), action=action)], history=history(20))) == [("first_export", 1)]
+
+    def test_details(self) -> None:
+        """The alert says how long the user was observed and since when they last exported."""
+        (alert,) = run_rule(NAME, [event(at(), action="export")], history=history(120, (91,)))
+        assert (alert.details["days_observed"], alert.details["days_since_last_export"]) == (120, 91)
+
+    def test_then_an_exporter(self) -> None:
+        """Exports later that day join the finding; the next day's export is routine."""
+        events = [event(at(s), action="export") for s in (0, 600)] + [event(at(days=1), action="export")]
+        assert reasons(run_rule(NAME, events, history=history(20))) == [("first_export", 2)]
+
+    @pytest.mark.parametrize("fields", [{"mynumber_ref": False}, {"result": "failure"}, {"result": "denied"}])
+    def test_no_personal_data_or_failed(self, fields: dict[str, Any]) -> None:
+        """Exports without personal data, and failed ones, neither alert nor make an exporter."""
+        events = [event(at(), action="export", **fields), event(at(days=1), action="export")]
+        alerts = run_rule(NAME, events, history=history(20))
+        assert [(a.reason, a.window_start) for a in alerts] == [("first_export", "2019-02-05T00:00:00+09:00")]
+
+    def test_seen_live_counts_as_observed(self) -> None:
+        """The warm-up also runs on live events, not only on seeded history."""
+        events = [event(at(days=-15), action="search"), event(at(), action="export")]
+        assert reasons(run_rule(NAME, events)) == [("first_export", 1)]
+
+
+class TestTelework:
+    """Any access to personal data from telework."""
+
+    @pytest.mark.parametrize(
+        ("fields", "expected"),
+        [
+            ({"location": "telework"}, [("telework", 1)]),
+            ({"location": "telework", "mynumber_ref": False}, []),
+            ({"location": "office"}, []),
+            ({}, []),
+        ],
+    )
+    def test_fires(self, fields: dict[str, Any], expected: list[tuple[str, int]]) -> None:
+        """Personal data from a telework location alerts (high)."""
+        alerts = run_rule(NAME, [event(at(), action="view", **fields)])
+        assert reasons(alerts) == expected
+        assert all(a.severity == "high" and a.details["location"] == "telework" for a in alerts)
+
+    def test_locations_param(self) -> None:
+        """Agencies name their own telework locations."""
+        events = [event(at(), location="home"), event(at(60), location="satellite"), event(at(90), location="telework")]
+        overrides = {"params": {"telework_locations": ["home", "satellite"]}}
+        assert reasons(run_rule(NAME, events, overrides)) == [("telework", 2)]
+
+
+class TestOrderAndState:
+    """Arrival order within lateness, snapshots and the compact baseline."""
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.integers(0, 8 * 60),
+                st.sampled_from(["search", "export", "print_screen", "print"]),
+                st.booleans(),
+                st.integers(0, 59),
+            ),
+            min_size=1,
+            max_size=30,
+        )
+    )
+    def test_order_within_lateness_does_not_matter(self, spec: list[tuple[int, str, bool, int]]) -> None:
+        """Events of one working day shuffled by less than the lateness give the same final alerts."""
+        past = history(30)
+        events = [
+            event(format_ts(parse_ts("2019-02-04T09:00:00+09:00") + minute * 60_000 + i), action=action,
+                  location="telework" if tele else None, event_id=f"h{i}")
+            for i, (minute, action, tele, _) in enumerate(spec)
+        ]
+        in_order = sorted(events, key=lambda e: e.ts_ms)
+        shuffled = [e for _, e in sorted(zip(spec, events, strict=True), key=lambda p: p[1].ts_ms + p[0][3] * 60_000)]
+        assert summary(run_rule(NAME, in_order, history=past)) == summary(run_rule(NAME, shuffled, history=past))
+
+    def test_late_earlier_export_joins_the_finding(self) -> None:
+        """An earlier export arriving after a later one still counts in the day's finding."""
+        a, b = event(at(0), action="export"), event(at(900), action="export")
+        assert reasons(run_rule(NAME, [b, a], history=history(20))) == [("first_export", 2)]
+
+    def test_snapshot_restore_mid_stream(self) -> None:
+        """Restoring a user's state mid-stream gives the same later alerts as never stopping."""
+        events = [event(at(days=-20), action="search")]
+        events += [event(at(i * 600), action=("print_screen", "export", "search")[i % 3], location="telework" if i % 4 == 0 else None) for i in range(20)]
+        whole = Engine([rule(NAME)])
+        whole.process_all(events[:8])
+        expected = whole.process_all(events[8:]) + whole.flush()
+        first = Engine([rule(NAME)])
+        first.process_all(events[:8])
+        data = first.dump_user("u001")
+        second = Engine([rule(NAME)])
+        second.load_user("u001", data)
+        assert second.dump_user("u001") == data
+        got = second.process_all(events[8:]) + second.flush()
+        # Flush order follows dict order, which a restore may change; the alerts must not.
+        assert sorted((a.alert_id, a.revision, a.count) for a in got) == sorted((a.alert_id, a.revision, a.count) for a in expected)
+        assert {a.reason for a in expected} == {"print_screen", "first_export", "telework"}
+
+    def test_dump_load_round_trip(self) -> None:
+        """dump(load(x)) == x for a baseline with open day counts."""
+        eng = Engine([rule(NAME)])
+        eng.process_all([*history(20), event(at(), action="export"), event(at(60), action="print_screen", location="telework")])
+        det = eng.detectors[0]
+        data = orjson.loads(orjson.dumps(det.dump(eng.users["u001"].slots[0])))
+        assert len(data[2]) == 3
+        assert det.dump(det.load(data)) == data
+
+    def test_baseline_persists_compactly(self) -> None:
+        """Closed days are dropped; first-seen and last export stay, an old export is forgotten."""
+        eng = Engine([rule(NAME, {"params": {"forget_after": "7d"}})])
+        eng.process_all([event(at(days=-20), action="search"), event(at(), action="export"), event(at(60), action="print_screen")])
+        eng.sweep(T0 + 3 * DAY)
+        doc = orjson.loads(eng.dump_user("u001") or b"null")
+        assert doc["s"][NAME] == [T0 - 20 * DAY, T0, []]
+        eng.sweep(T0 + 10 * DAY)
+        doc = orjson.loads(eng.dump_user("u001") or b"null")
+        assert doc["s"][NAME] == [T0 - 20 * DAY, 0, []]
+
+
+class TestConfiguration:
+    """Overrides, allowlists and parameter validation."""
+
+    def test_warmup_override(self) -> None:
+        """A shorter warm-up makes a first export unusual sooner."""
+        past = history(3)
+        assert run_rule(NAME, [event(at(), action="export")], history=past) == []
+        assert reasons(run_rule(NAME, [event(at(), action="export")], {"params": {"warmup": "2d"}}, history=past)) == [("first_export", 1)]
+
+    def test_forget_after_override(self) -> None:
+        """A shorter memory turns a past exporter into a non-exporter sooner."""
+        past = history(60, (40,))
+        assert run_rule(NAME, [event(at(), action="export")], history=past) == []
+        alerts = run_rule(NAME, [event(at(), action="export")], {"params": {"forget_after": "30d"}}, history=past)
+        assert reasons(alerts) == [("first_export", 1)]
+
+    @pytest.mark.parametrize("allow", [{"users": ["u001"]}, {"terminals": ["10.0.0.1"]}, {"departments": ["tax"]}])
+    def test_allowlist_suppresses(self, allow: dict[str, list[str]]) -> None:
+        """Allowlisted users, terminals and departments raise nothing."""
+        events = [event(at(), action="print_screen", location="telework", department="tax")]
+        assert run_rule(NAME, events)
+        assert run_rule(NAME, events, {"allowlist": allow}) == []
+
+    @pytest.mark.parametrize(
+        ("params", "key"),
+        [
+            ({"warmup": "x"}, "params.warmup"),
+            ({"warmup": "400d"}, "params.warmup"),
+            ({"forget_after": "1h"}, "params.forget_after"),
+            ({"telework_locations": "telework"}, "params.telework_locations"),
+            ({"threshold": 3}, "params.threshold"),
+        ],
+    )
+    def test_bad_params_name_the_param(self, params: dict[str, Any], key: str) -> None:
+        """Invalid (or unknown) params are a RuleError naming the param."""
+        with pytest.raises(RuleError, match=key.replace(".", r"\.")):
+            Engine([rule(NAME, {"params": params})])
+
+
+class TestSamples:
+    """The bundled samples behave as labelled."""
+
+    def test_positive(self) -> None:
+        """The PPC sample's print screen, a first export and telework access are flagged."""
+        final = final_alerts(run_rule(NAME, load_samples(SAMPLES / "positive.jsonl")))
+        got = sorted((a.reason, a.user, a.event_ids) for a in final.values())
+        assert got == [
+            ("first_export", "staff-0733", ("uo-p-005",)),
+            ("print_screen", "osamu", ("uo-ppc-007",)),
+            ("telework", "staff-0255", ("uo-p-006",)),
+        ]
+
+    def test_negative(self) -> None:
+        """Routine exporters, newcomers, data-free captures and office work raise nothing."""
+        assert run_rule(NAME, load_samples(SAMPLES / "negative.jsonl")) == []
