@@ -6,7 +6,7 @@ Each detector ships one YAML rule file in ``detectors/rules/``::
     detector: off_hours           # which detector runs it
     title: 時間外の個人番号参照
     title_en: Personal data referenced outside business hours
-    description: ...
+    description: ...              # English; description_ja: 日本語の説明
     viewpoint: unnatural_time     # the PPC log-analysis viewpoint
     level: high                   # default severity
     tags: [ppc.viewpoint.1]
@@ -74,6 +74,7 @@ _RULE_KEYS: Final = frozenset(
         "title",
         "title_en",
         "description",
+        "description_ja",
         "viewpoint",
         "level",
         "tags",
@@ -150,6 +151,13 @@ class Rule:
     allowlist: Allowlist = field(default_factory=Allowlist)
     enabled: bool = True
     source: str = "<memory>"
+    #: The description in Japanese, for mail, reports and the console (日本語).
+    description_ja: str = ""
+
+    def describe(self, lang: str = "ja") -> str:
+        """The plain-language description in ``lang`` (ja falls back to English), one line."""
+        text = self.description_ja if lang == "ja" and self.description_ja else self.description
+        return " ".join(text.split())
 
     def reason(self, name: str) -> Reason:
         """The named reason, or one built from the rule's own title and level."""
@@ -251,6 +259,7 @@ def rule_from_dict(doc: Any, source: str = "<memory>") -> Rule:
         title=title,
         title_en=_str(source, "title_en", doc.get("title_en", title)),
         description=_str(source, "description", doc.get("description")),
+        description_ja=_str(source, "description_ja", doc["description_ja"]) if "description_ja" in doc else "",
         viewpoint=viewpoint,
         level=level,
         tags=_str_list(source, "tags", doc.get("tags")),

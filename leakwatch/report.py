@@ -280,7 +280,7 @@ def _finding(alert: Alert, rule: Rule | None, lang: str) -> str:
     if alert.department:
         rows.insert(1, (t["department"], _e(alert.department)))
     if rule is not None:
-        rows.append((t["description"], _e(rule.description.strip())))
+        rows.append((t["description"], _e(rule.describe(lang))))
         if rule.falsepositives:
             items = "".join(f"<li>{_e(fp)}</li>" for fp in rule.falsepositives)
             rows.append((t["falsepositives"], f'<ul class="plain">{items}</ul>'))

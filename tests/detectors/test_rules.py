@@ -138,3 +138,15 @@ class TestOverrides:
         with pytest.raises(RuleError, match=match) as info:
             apply_overrides(load_rules(), load_overrides(path))
         assert str(path) in str(info.value)
+
+
+class TestDescriptions:
+    """Mail, reports and the console explain each rule in Japanese by default."""
+
+    @pytest.mark.parametrize("path", RULE_FILES, ids=lambda p: p.stem)
+    def test_japanese_description(self, path: Path) -> None:
+        """Every bundled rule has a Japanese description, used for lang=ja only."""
+        rule = load_rule_file(path)
+        assert rule.description_ja and rule.describe("ja") != rule.describe("en")
+        assert any("\u3040" <= c <= "\u30ff" for c in rule.describe("ja"))
+        assert "\n" not in rule.describe("ja")
