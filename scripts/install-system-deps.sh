@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system programs the tests use, from Debian's packages, when missing:
 #   promtool (prometheus) for deploy config checks, chromium + chromedriver for
-#   browser tests, a JDK and Maven for the Apache Kafka broker the tests start.
+#   browser tests (and Japanese fonts for their screenshots), a JDK and Maven
+#   for the Apache Kafka broker the tests start.
 set -euo pipefail
 
 need=()
@@ -9,6 +10,8 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium chromium-driver)
 command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
+# Japanese glyphs for the console screenshots the browser tests save.
+[ -e /usr/share/fonts/opentype/ipafont-gothic ] || [ -e /usr/share/fonts/truetype/fonts-japanese-gothic.ttf ] || need+=(fonts-ipafont-gothic)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

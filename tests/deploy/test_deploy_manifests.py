@@ -26,17 +26,25 @@ WORKER_ENV = (
     "LEAKWATCH_BROKERS",
     "LEAKWATCH_RULES_PATH",
     "LEAKWATCH_ESCALATION_SEVERITY",
-    "LEAKWATCH_SMTP_HOST",
-    "LEAKWATCH_SMTP_PORT",
-    "LEAKWATCH_HOTLINE_TO",
+    "LEAKWATCH_MAIL_SMTP_HOST",
+    "LEAKWATCH_MAIL_SMTP_PORT",
+    "LEAKWATCH_MAIL_HOTLINE",
     "LEAKWATCH_WEB_PORT",
     "LEAKWATCH_PSEUDONYM_KEY",
 )
 SECRET_ENV = "LEAKWATCH_PSEUDONYM_KEY"
 
-#: Settings the deployment passes that are not core worker settings
-#: (streams.config.Settings) but belong to the mail section.
-MAIL_ENV = {"LEAKWATCH_SMTP_HOST", "LEAKWATCH_SMTP_PORT", "LEAKWATCH_HOTLINE_TO"}
+def _mail_env() -> set[str]:
+    """Variables of the mail section (streams.mail_settings.MailSettings)."""
+    import dataclasses
+
+    from streams.mail_settings import MailSettings
+
+    return {f"LEAKWATCH_MAIL_{f.name.upper()}" for f in dataclasses.fields(MailSettings)}
+
+
+#: Settings the deployment passes that belong to the mail section, not the core.
+MAIL_ENV = _mail_env()
 
 
 def compose_v2_command() -> list[str] | None:
@@ -325,8 +333,8 @@ class TestDockerCompose:
         assert mailpit["image"].startswith("axllent/mailpit:")
         for name, worker in workers.items():
             env = env_of(worker)
-            assert env["LEAKWATCH_SMTP_HOST"] == "mailpit", name
-            assert env["LEAKWATCH_SMTP_PORT"] in {str(port) for port in mailpit["expose"]}, name
+            assert env["LEAKWATCH_MAIL_SMTP_HOST"] == "mailpit", name
+            assert env["LEAKWATCH_MAIL_SMTP_PORT"] in {str(port) for port in mailpit["expose"]}, name
 
     def test_escalation_severity_is_valid(self, workers: dict[str, Any]) -> None:
         """The default escalation severity is one of the alert severities."""
