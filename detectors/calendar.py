@@ -102,17 +102,23 @@ class BusinessCalendar:
             self._cache[bucket] = hit
         return hit
 
+    # The three look-ups below are on every event's path: they read the cache
+    # inline and call _hour only on a miss.
+
     def classify(self, ts_ms: int, department: str | None = None) -> tuple[str, bool]:
         """(day kind, within business hours) for an event time and department."""
-        kind, hour_minute, _ = self._hour(ts_ms)
-        minute = hour_minute + (ts_ms % _HOUR_MS) // _MINUTE_MS
-        hours = self.hours.get(department, self.default) if department else self.default
-        return kind, kind == DAY_WORKDAY and minute in hours
+        hit = self._cache.get(ts_ms // _HOUR_MS) or self._hour(ts_ms)
+        kind = hit[0]
+        if kind != DAY_WORKDAY:
+            return kind, False
+        minute = hit[1] + (ts_ms % _HOUR_MS) // _MINUTE_MS
+        hours = self.hours.get(department, self.default) if department and self.hours else self.default
+        return kind, hours.start <= minute < hours.end
 
     def local_day(self, ts_ms: int) -> int:
         """The local date's ordinal (for per-day windows aligned to local midnight)."""
-        return self._hour(ts_ms)[2]
+        return (self._cache.get(ts_ms // _HOUR_MS) or self._hour(ts_ms))[2]
 
     def local_minute(self, ts_ms: int) -> int:
         """Minutes after local midnight."""
-        return self._hour(ts_ms)[1] + (ts_ms % _HOUR_MS) // _MINUTE_MS
+        return (self._cache.get(ts_ms // _HOUR_MS) or self._hour(ts_ms))[1] + (ts_ms % _HOUR_MS) // _MINUTE_MS

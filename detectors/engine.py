@@ -18,6 +18,7 @@ round-trip byte for byte, which is what the streaming layer checkpoints.
 from __future__ import annotations
 
 import importlib
+from bisect import insort
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import date, tzinfo
@@ -343,15 +344,21 @@ class Engine:
                     finding.details[k] = v
                     changed = True
         evidence = [ev] if related is None else [e for e in user.recent if e is ev or (window_start_ms <= e.ts_ms < window_end_ms and related(e))]
-        if ev not in evidence:
+        if not any(e is ev for e in evidence):
             evidence.append(ev)
         limit = self.settings.max_evidence
+        # Rows are kept sorted by (ts, event id) and cut to the earliest ``limit``;
+        # this runs on every update of an open finding, so skip rows already
+        # there (or that would be cut at once) without scanning or re-sorting.
         rows = finding.evidence
+        have = {(r[0], r[1]) for r in rows}
         for e in evidence:
-            if not any(r[0] == e.ts_ms and r[1] == e.event_id for r in rows):
-                rows.append(_row(e))
-                rows.sort(key=_row_order)
-                del rows[limit:]
+            row_key = (e.ts_ms, e.event_id)
+            if row_key not in have:
+                have.add(row_key)
+                if len(rows) != limit or row_key < (rows[-1][0], rows[-1][1]):
+                    insort(rows, _row(e), key=_row_order)
+                    del rows[limit:]
             if len(finding.terminals) < limit:
                 finding.terminals.add(e.terminal)
             if e.device is not None and len(finding.devices) < limit:
