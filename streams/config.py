@@ -79,6 +79,7 @@ class Settings:
     lateness: str = field(default="1h", metadata=_meta("allowed lateness of out-of-order events"))
     checkpoint_interval: float = field(default=1.0, metadata=_meta("seconds between checkpoints and offset commits"))
     max_batch: int = field(default=20000, metadata=_meta("most messages taken from Kafka in one batch"))
+    session_timeout: float = field(default=10.0, metadata=_meta("seconds without a heartbeat before a worker's partitions go to another"))
     web_host: str = field(default="127.0.0.1", metadata=_meta("address of the web server (metrics, health, console)"))
     web_port: int = field(default=6066, metadata=_meta("port of the web server"))
     public_url: str = field(default="", metadata=_meta("URL the console is reached at (for links in mail)"))
@@ -105,6 +106,8 @@ class Settings:
             raise ConfigError("log_level", "must be debug, info, warning or error")
         if self.log_format not in ("json", "console", "auto"):
             raise ConfigError("log_format", "must be json, console or auto")
+        if not 1.0 <= self.session_timeout <= 300.0:
+            raise ConfigError("session_timeout", "must be between 1 and 300 seconds")
         if not 0 < self.web_port < 65536:
             raise ConfigError("web_port", "must be a TCP port")
 

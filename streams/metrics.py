@@ -2,11 +2,27 @@
 
 Label sets are bounded: topics, partitions, rule ids, severities, detector
 names and reason codes. Never a user, subject or terminal.
+
+The detection loop (:mod:`streams.detection`) updates the event, alert,
+batch, lag and state metrics; the mail and escalation modules update the
+``mails_*`` counters and the acknowledgment gauges. ``users_tracked`` and
+``state_bytes`` are changed by increments, so several loops in one process
+(tests) add up instead of overwriting each other.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# No ``*_created`` series: they double the exposition and nothing here uses them.
+disable_created_metrics()
 
 __all__ = [
     "ALERTS",
@@ -43,14 +59,14 @@ DETECTOR_EVENTS = Counter(
 )
 DETECTOR_SECONDS = Histogram(
     "leakwatch_detector_seconds",
-    "Detector processing time per batch",
+    "Detector engine time per partition batch (detector=\"all\": the engine is timed as a whole)",
     ["detector"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
     registry=REGISTRY,
 )
 BATCH_SIZE = Histogram(
     "leakwatch_batch_size",
-    "Events per processed batch",
+    "Messages per batch taken from Kafka (getmany)",
     buckets=(1, 10, 100, 500, 1000, 5000, 10000, 20000, 50000),
     registry=REGISTRY,
 )
