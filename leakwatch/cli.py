@@ -24,6 +24,7 @@ COMMANDS: Final = {
     "demo": ("streams.demo", "everything on one machine: embedded broker, worker, synthetic feed"),
     "ack": ("streams.ack", "acknowledge an escalated alert"),
     "audit": ("streams.audit", "query the audit trail (mails, acks, escalations)"),
+    "console-hash-password": ("streams.console", "hash an operator password for the console's accounts"),
 }
 
 
