@@ -97,7 +97,7 @@ class TestComposeAlertMail:
         _, parsed = reparse(compose_alert_mail(item, [HOTLINE], ctx(), RULES["off_hours"]))
         text = body(parsed, "plain")
         assert "時間外の個人番号参照" in text  # rule title
-        assert "PPC log-analysis viewpoint 1" in text  # rule description
+        assert "PPC ログ分析の観点1" in text  # rule description, in Japanese for a Japanese mail
         assert "2024-05-04（土）10:15:00 JST" in text
         assert "10.1.2.3, 10.1.2.4" in text and "税務課" in text
         assert "該当操作: 12件" in text and "ev-1, ev-2" in text
