@@ -20,6 +20,11 @@
    arrival of its alert on ``leak-alerts`` (ingest to alert, wall clock, one
    process measures both ends).
 
+Both (a) and (b) also print their CPU time per event (this process's
+``process_time``; the worker's ``/proc/<pid>/stat``): on a shared 2-core
+machine the wall-clock rates depend on what else runs (the broker, the load
+generator, other tenants), the CPU cost per event much less.
+
 With ``--profile``, instead profiles the worker's hot path (decode, validate,
 engine, bookkeeping) in this process over ``--profile-events`` pre-built
 records and prints the hottest functions.
@@ -102,7 +107,7 @@ async def fill(settings: Settings, values: list[tuple[bytes, bytes]]) -> float:
 
 
 async def ceiling(settings: Settings, total: int) -> float:
-    """(a): getmany + orjson.loads per message over the topic; events/s."""
+    """(a): getmany + orjson.loads per message over the topic; events/s (prints its CPU per event)."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.brokers,
         group_id=None,
@@ -119,17 +124,31 @@ async def ceiling(settings: Settings, total: int) -> float:
         loads = orjson.loads
         seen = 0
         started = 0.0
+        cpu_started = 0.0
         while seen < total:
             batch = await consumer.getmany(timeout_ms=1000, max_records=settings.max_batch)
             if batch and not started:
                 started = time.perf_counter()
+                cpu_started = time.process_time()
             for records in batch.values():
                 for r in records:
                     loads(r.value)
                 seen += len(records)
-        return total / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
+        print(f"    ceiling CPU {cpu / total * 1e6:.1f} us per event ({cpu / elapsed:.2f} cores)")
+        return total / elapsed
     finally:
         await consumer.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    try:
+        fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def scrape(base: str) -> dict[str, float]:
@@ -357,16 +376,21 @@ def main(argv: list[str] | None = None) -> int:
             )
         try:
             wait_ready(base, proc)
+            cpu0 = cpu_seconds(proc.pid)
             worker_eps, elapsed = worker_run(base, len(load))
+            cpu_b = cpu_seconds(proc.pid) - cpu0
             m = scrape(base)
             print(
                 f"(b) one worker, all default rules: {worker_eps:,.0f} events/s ({len(load):,} events in {elapsed:.1f}s; "
                 f"{m.get('leakwatch_alerts_total', 0):.0f} alerts, {m.get('leakwatch_events_invalid_total', 0):.0f} dead letters)"
             )
-            print(f"    ratio b/a: {worker_eps / ceil:.2f}")
+            print(f"    ratio b/a: {worker_eps / ceil:.2f}; worker CPU {cpu_b / len(load) * 1e6:.1f} us per event ({cpu_b / elapsed:.2f} cores)")
             rate = worker_eps / 2
             codec = EventCodec(Pseudonymizer(KEY.encode()))
+            consumed0, cpu0 = scrape(base).get("leakwatch_events_consumed_total", 0.0), cpu_seconds(proc.pid)
             timed, achieved = asyncio.run(latency(settings, codec, live, rate, args.latency_seconds))
+            live_events = scrape(base).get("leakwatch_events_consumed_total", 0.0) - consumed0
+            cpu_live = cpu_seconds(proc.pid) - cpu0
             lat_ms = sorted(x * 1000 for _, x in timed)
             p50 = statistics.median(lat_ms) if lat_ms else float("nan")
             p99 = lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))] if lat_ms else float("nan")
@@ -380,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"second half {statistics.median(second) if second else float('nan'):.0f} ms"
             )
             m2 = scrape(base)
-            print(f"    worker lag at the end: {m2.get('leakwatch_consumer_lag', 0):.0f} messages")
+            print(
+                f"    worker lag at the end: {m2.get('leakwatch_consumer_lag', 0):.0f} messages; "
+                f"worker CPU {cpu_live / max(live_events, 1) * 1e6:.1f} us per event while live"
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -57,10 +57,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def demo_events(seed: int = 7, days: int = 14, staff: int = 60) -> tuple[Iterable[Event], str]:
     """The feed: the synthetic municipality if available, else the PPC sample log."""
     try:
-        from load_tests.generator import generate
+        from load_tests import generator
     except ImportError:
-        generate = None
-    if generate is not None:
+        generator = None  # type: ignore[assignment]  # an installed package ships no load_tests
+    if generator is not None:
+        generate = generator.generate
         start = date(2024, 11, 18)
         log = generate(seed=seed, start=start, days=days, staff=staff, scenarios="all")
         return log, f"synthetic municipality (seed {seed}, {staff} staff, {days} days from {start}, all leak scenarios)"

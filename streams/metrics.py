@@ -22,7 +22,7 @@ from prometheus_client import (
 )
 
 # No ``*_created`` series: they double the exposition and nothing here uses them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 __all__ = [
     "ALERTS",
@@ -59,7 +59,7 @@ DETECTOR_EVENTS = Counter(
 )
 DETECTOR_SECONDS = Histogram(
     "leakwatch_detector_seconds",
-    "Detector engine time per partition batch (detector=\"all\": the engine is timed as a whole)",
+    "Time to decode, validate and run the detectors over one partition batch (detector=\"all\": timed as a whole, not per detector)",
     ["detector"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
     registry=REGISTRY,

@@ -35,7 +35,7 @@ __all__ = ["KeyedSender", "configure", "partition_for", "produce_events", "run"]
 
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's default (murmur2) partitioner picks for ``key``."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class KeyedSender:

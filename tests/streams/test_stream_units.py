@@ -1,0 +1,158 @@
+"""Broker-free parts of the streaming worker: log scrubbing, reason codes, 12-digit pre-check, CLI errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import structlog
+
+from detectors.rules import load_rules
+from schemas.event import EventError
+from schemas.mynumber import contains_twelve_digits
+from streams.config import Settings, load_settings
+from streams.detection import _error_code, has_twelve_digits, rules_version
+from streams.logging import REDACTED, configure_logging, get_logger, scrub_personal_numbers
+from streams.worker import topic_specs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class TestLogScrubbing:
+    """No 12-digit run survives into a log line, whatever carries it."""
+
+    def test_processor_redacts_strings_ints_and_nested(self) -> None:
+        """Strings, 12-digit integers and nested values are redacted; other values kept."""
+        out = scrub_personal_numbers(
+            None,
+            "info",
+            {"event": "x 1234 5678 9012 y", "n": 123456789012, "small": 42, "nested": {"k": ["123456789012"]}, "ok": "2024-11-19"},
+        )
+        assert out["event"] == f"x {REDACTED} y"
+        assert out["n"] == REDACTED and out["small"] == 42
+        assert out["nested"] == {"k": [REDACTED]}
+        assert out["ok"] == "2024-11-19"
+
+    def test_json_lines_from_structlog_and_stdlib(self) -> None:
+        """Both structlog and stdlib loggers render one JSON object per line, scrubbed, with bound context."""
+        stream = io.StringIO()
+        configure_logging("info", "json", worker="w1", stream=stream)
+        try:
+            get_logger("leakwatch.test", partition=3).info("looked up 123456789012", rule_id="off_hours")
+            try:
+                raise ValueError("bad value 1234-5678-9012")
+            except ValueError:
+                logging.getLogger("thirdparty").exception("failed")
+            get_logger("leakwatch.test").debug("not shown at info")
+        finally:
+            configure_logging("warning", "console", stream=io.StringIO())
+            structlog.contextvars.clear_contextvars()
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert len(lines) == 2
+        first, second = lines
+        assert first["event"] == f"looked up {REDACTED}"
+        assert (first["worker"], first["partition"], first["rule_id"], first["level"]) == ("w1", 3, "off_hours", "info")
+        assert second["level"] == "error" and "ValueError" in second["exception"]
+        assert not contains_twelve_digits(stream.getvalue().encode())
+
+
+class TestReasonCodes:
+    """The ``reason`` label of leakwatch_events_invalid_total stays bounded."""
+
+    @pytest.mark.parametrize(
+        ("error", "code"),
+        [
+            (EventError("user", "required field is missing"), "user.required"),
+            (EventError("surname-of-anyone", "unknown field"), "unknown_field"),
+            (EventError("$", "invalid JSON: unexpected character"), "json"),
+            (EventError("$", "an event must be a JSON object, got int"), "$.an"),
+        ],
+    )
+    def test_codes(self, error: EventError, code: str) -> None:
+        """Known fields keep their code; producer-chosen names collapse to one label."""
+        assert _error_code(error) == code
+
+
+class TestTwelveDigitCheck:
+    """The fast 12-digit pre-check answers exactly like schemas.mynumber.contains_twelve_digits."""
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b"123456789012",
+            b"1234 5678 9012",
+            b"1234-5678-9012",
+            b"1234-56789012",
+            b"12345678 9012",
+            b"x1234567890123y",
+            b"12345678901",
+            b"1234 5678  9012",
+            b"2024-11-19T10:00:00+09:00",
+            b'{"ts":"2024-11-19T10:00:00+09:00","terminal":"172.16.100.200","event_id":"ev-0000000001"}',
+            b"0000-0000-0000",
+            b"",
+        ],
+    )
+    def test_same_answer(self, raw: bytes) -> None:
+        """Fast and reference check agree."""
+        assert has_twelve_digits(raw) == contains_twelve_digits(raw)
+
+    def test_random_agreement(self) -> None:
+        """Agreement on random strings of digits, spaces, hyphens and letters."""
+        rnd = random.Random(4)
+        alphabet = b"0123456789 -a,"
+        for _ in range(5000):
+            raw = bytes(rnd.choice(alphabet) for _ in range(rnd.randint(0, 30)))
+            assert has_twelve_digits(raw) == contains_twelve_digits(raw), raw
+
+
+class TestTopicsAndRules:
+    """Topic layout and the rules digest."""
+
+    def test_checkpoint_topic_compacted_and_copartitioned(self) -> None:
+        """Inputs and checkpoints share the partition count; checkpoints are compacted."""
+        settings = load_settings(Settings, env={}, overrides={"partitions": 6})
+        specs = {name: (parts, cfg) for name, parts, cfg in topic_specs(settings)}
+        assert specs[settings.topic_access][0] == specs[settings.topic_operation][0] == specs[settings.topic_checkpoints][0] == 6
+        assert specs[settings.topic_checkpoints][1] == {"cleanup.policy": "compact"}
+
+    def test_rules_version_changes_with_params(self) -> None:
+        """Same rules, same digest; a changed threshold, another digest."""
+        from dataclasses import replace
+
+        rules = load_rules()
+        assert rules_version(rules) == rules_version(list(reversed(rules)))
+        changed = [replace(r, params={**r.params, "threshold": 99}) if r.id == "repeated_queries" else r for r in rules]
+        assert rules_version(changed) != rules_version(rules)
+
+
+class TestWorkerCommandErrors:
+    """``leakwatch worker`` reports bad settings in one line and exits 2."""
+
+    @pytest.mark.parametrize(
+        ("env", "message"),
+        [
+            ({"LEAKWATCH_PARTITIONS": "many"}, "LEAKWATCH_PARTITIONS"),
+            ({"LEAKWATCH_LATENESS": "soon"}, "lateness"),
+            ({"LEAKWATCH_RULES_PATH": "/nonexistent/rules"}, "rules directory does not exist"),
+        ],
+    )
+    def test_bad_setting_exits_2(self, env: dict[str, str], message: str) -> None:
+        """Exit status 2, a message naming the setting, no traceback."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "leakwatch", "worker"],
+            env={"PATH": "/usr/bin:/bin", **env},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
