@@ -74,6 +74,12 @@ _KNOWN_FIELDS: Final = frozenset(
     (*REQUIRED_FIELDS, *OPTIONAL_STR_FIELDS, *OPTIONAL_INT_FIELDS, "schema_version", "pii_scrubbed")
 )
 _MAX_STR = 512
+_TS_CACHE_SIZE = 65_536
+#: Optional field -> its JSON type.
+_OPTIONAL_KIND: Final[dict[str, type]] = {
+    **{name: str for name in OPTIONAL_STR_FIELDS},
+    **{name: int for name in OPTIONAL_INT_FIELDS},
+}
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MS: Final = timedelta(milliseconds=1)
 
@@ -218,64 +224,91 @@ class EventCodec:
     event in a batch does not sink the others.
     """
 
-    __slots__ = ("pseudonymizer", "tz")
+    __slots__ = ("_ts_cache", "pseudonymizer", "tz")
 
     def __init__(self, pseudonymizer: Pseudonymizer, tz: tzinfo = DEFAULT_TZ) -> None:
         self.pseudonymizer = pseudonymizer
         self.tz = tz
+        #: Timestamp string -> epoch ms; events of one second share the string.
+        self._ts_cache: dict[str, int] = {}
 
     def from_dict(self, obj: Any, scrub: bool = True) -> Event:
-        """Validate one decoded JSON object into an :class:`Event`."""
+        """Validate one decoded JSON object into an :class:`Event`.
+
+        This is on every event's path, so the common case (valid, required
+        fields plus a few optional ones) is straight-line code; every check
+        that fails falls through to the precise error.
+        """
         if type(obj) is not dict:
             raise EventError("$", f"an event must be a JSON object, got {type(obj).__name__}")
         if scrub:
             obj = self._scrub(obj)
-        version = obj.get("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
+        if not obj.keys() <= _KNOWN_FIELDS:
+            raise EventError(sorted(obj.keys() - _KNOWN_FIELDS)[0], "unknown field")
+        get = obj.get
+        version = get("schema_version")
+        if version is not None and version != SCHEMA_VERSION:
             raise EventError("schema_version", f"unsupported version {version!r} (expected {SCHEMA_VERSION})")
-        unknown = obj.keys() - _KNOWN_FIELDS
-        if unknown:
-            raise EventError(sorted(unknown)[0], "unknown field")
-        ts = obj.get("ts")
-        if type(ts) is not str:
-            raise EventError("ts", "required field is missing" if ts is None else "must be a string")
-        action = obj.get("action")
+        ts = get("ts")
+        ts_ms = self._ts_cache.get(ts) if type(ts) is str else None
+        if ts_ms is None:
+            ts_ms = self._parse_ts(ts)
+        action = get("action")
         if action not in ACTIONS:
             raise EventError("action", f"must be one of {', '.join(sorted(ACTIONS))}; got {str(action)[:40]!r}")
-        result = obj.get("result")
+        result = get("result")
         if result not in RESULTS:
             raise EventError("result", f"must be one of {', '.join(sorted(RESULTS))}; got {str(result)[:40]!r}")
-        ref = obj.get("mynumber_ref")
+        ref = get("mynumber_ref")
         if type(ref) is not bool:
             raise EventError("mynumber_ref", "must be true or false" if ref is not None else "required field is missing")
-        ev = Event(
-            _req_str(obj, "event_id"),
-            parse_ts(ts),
-            _req_str(obj, "user"),
-            _req_str(obj, "terminal"),
-            action,
-            result,
-            ref,
-            pii_scrubbed=obj.get("pii_scrubbed") is True,
-        )
-        if len(obj) > 7:  # only the required fields: nothing optional to read
-            for name in OPTIONAL_STR_FIELDS:
-                value = obj.get(name)
-                if value is not None:
+        event_id = get("event_id")
+        user = get("user")
+        terminal = get("terminal")
+        if not (
+            type(event_id) is str
+            and type(user) is str
+            and type(terminal) is str
+            and 0 < len(event_id) <= _MAX_STR
+            and 0 < len(user) <= _MAX_STR
+            and 0 < len(terminal) <= _MAX_STR
+        ):
+            event_id, user, terminal = _req_str(obj, "event_id"), _req_str(obj, "user"), _req_str(obj, "terminal")
+        ev = Event(event_id, ts_ms, user, terminal, action, result, ref)
+        optional = len(obj) - 7
+        if version is not None:
+            optional -= 1
+        if "pii_scrubbed" in obj:
+            optional -= 1
+            ev.pii_scrubbed = get("pii_scrubbed") is True
+        if optional > 0:
+            for name, value in obj.items():
+                kind = _OPTIONAL_KIND.get(name)
+                if kind is None or value is None:
+                    continue
+                if kind is str:
                     if type(value) is not str:
                         raise EventError(name, f"must be a string, got {type(value).__name__}")
                     if len(value) > _MAX_STR:
                         raise EventError(name, f"longer than {_MAX_STR} characters")
-                    setattr(ev, name, value)
-            for name in OPTIONAL_INT_FIELDS:
-                value = obj.get(name)
-                if value is not None:
+                else:
                     if type(value) is not int:
                         raise EventError(name, f"must be an integer, got {type(value).__name__}")
                     if value < 0:
                         raise EventError(name, "must not be negative")
-                    setattr(ev, name, value)
+                setattr(ev, name, value)
         return ev
+
+    def _parse_ts(self, ts: Any) -> int:
+        """Parse (and remember) one timestamp string; log lines share seconds."""
+        if type(ts) is not str:
+            raise EventError("ts", "required field is missing" if ts is None else "must be a string")
+        ts_ms = parse_ts(ts)
+        cache = self._ts_cache
+        if len(cache) >= _TS_CACHE_SIZE:
+            cache.clear()
+        cache[ts] = ts_ms
+        return ts_ms
 
     def _scrub(self, obj: dict[str, Any]) -> dict[str, Any]:
         scrubbed = False

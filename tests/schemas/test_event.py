@@ -130,3 +130,21 @@ class TestJsonSchema:
         assert a == b
         b.subject = "x"
         assert a != b
+
+
+class TestTimestampCache:
+    """Remembered timestamps give exactly what parsing gives."""
+
+    def test_cache_matches_parse(self) -> None:
+        """Repeated and distinct strings (other offsets, millis) decode identically."""
+        codec = EventCodec(Pseudonymizer(b"test-key-0123456789"))
+        stamps = ["2019-02-02T22:11:03+09:00", "2019-02-02T13:11:03Z", "2019-02-02T22:11:03.5+09:00", "2019-02-02T22:11:03+09:00"]
+        for ts in stamps:
+            assert codec.from_dict(base(ts=ts)).ts_ms == parse_ts(ts)
+
+    def test_cache_does_not_hide_errors(self) -> None:
+        """A bad timestamp is an error every time, not only the first."""
+        codec = EventCodec(Pseudonymizer(b"test-key-0123456789"))
+        for _ in range(2):
+            _, errors = codec.decode(orjson.dumps(base(ts="2019-02-02 22:11:03")))
+            assert errors[0].field == "ts"
