@@ -398,7 +398,7 @@
       setText($("#d-tier"), sm.tier ? T("tier_fmt", { n: sm.tier }) : "");
       // meaning
       setText($("#d-viewpoint"), lang === "ja" ? d.rule.viewpoint_ja : d.rule.viewpoint_en);
-      setText($("#d-description"), d.rule.description);
+      setText($("#d-description"), (lang === "ja" && d.rule.description_ja) || d.rule.description);
       var fp = clear($("#d-fp"));
       (d.rule.falsepositives || []).forEach(function (x) { fp.appendChild(h("li", { text: x })); });
       $("#d-fp-wrap").hidden = !(d.rule.falsepositives || []).length;
