@@ -29,7 +29,10 @@ class TestLeakGuard:
         """A test printing a personal number fails even though its assertions pass."""
         here = Path(__file__).parent
         pytester.makeconftest((here / "conftest.py").read_text(encoding="utf-8"))
-        pytester.makepyfile(leakcheck=(here / "leakcheck.py").read_text(encoding="utf-8"))
+        pytester.makepyfile(
+            leakcheck=(here / "leakcheck.py").read_text(encoding="utf-8"),
+            brokerfixtures=(here / "brokerfixtures.py").read_text(encoding="utf-8"),
+        )
         pytester.makepyfile(test_leaks="def test_leaks():\n    print('subject 123456789018')\n")
         # Run it quietly: echoing its output here would (rightly) trip this test's own guard.
         done = subprocess.run(

@@ -1,8 +1,7 @@
 """Fixtures of the console tests: brokers, an SMTP sink, headless Chromium.
 
-The real-broker fixtures (``apache_kafka``, ``tansu``) live in
-``tests/integration/conftest.py``; conftest fixtures are only visible below
-their directory, so they are loaded from there and re-exported.
+The real-broker fixtures (``apache_kafka``, ``tansu``) come from the root
+``tests/conftest.py`` (``tests/brokerfixtures.py``), shared by every test directory.
 
 Chromium is Debian's ``/usr/bin/chromium`` driven by Playwright (never a
 downloaded browser build). Tests using ``browser`` are marked ``browser``,
@@ -11,22 +10,11 @@ tests using a broker ``integration``.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from console_kit import SCREENSHOTS, MailSink
-
-_spec = importlib.util.spec_from_file_location(
-    "leakwatch_integration_conftest_for_console", Path(__file__).resolve().parents[1] / "integration" / "conftest.py"
-)
-assert _spec is not None and _spec.loader is not None
-_integration = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_integration)
-
-apache_kafka = _integration.apache_kafka
-tansu = _integration.tansu
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -44,7 +32,7 @@ CHROMIUM_ARGS = [
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
-        if names & {"apache_kafka", "tansu", "stack", "apache_stack"}:
+        if names & {"stack", "apache_stack"}:  # direct users of a broker: see brokerfixtures
             item.add_marker(pytest.mark.integration)
         if names & {"browser", "page", "stack", "apache_stack"}:
             item.add_marker(pytest.mark.browser)
@@ -80,8 +68,5 @@ def screenshots() -> Path:
 @pytest.fixture(scope="module")
 def sink() -> Iterator[MailSink]:
     """A running SMTP sink for the module's worker."""
-    s = MailSink().start()
-    try:
+    with MailSink() as s:
         yield s
-    finally:
-        s.stop()

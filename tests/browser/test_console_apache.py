@@ -48,7 +48,7 @@ class TestConsoleOnApacheKafka:
             apache_stack.produce(weekend_events("u-apache", "情報政策課"))
             expect(row(page, aid)).to_be_visible(timeout=60_000)
             assert page.evaluate("window.__sameDocument") == "yes"
-            sink.wait_for(lambda m: bool(sink.about(aid, to=HOTLINE)), 60, "the hotline mail")
+            sink.wait_for_blocking(lambda m: bool(sink.about(aid, to=HOTLINE)), 60, "the hotline mail")
             row(page, aid).locator("a").click()
             expect(page).to_have_url(re.compile(re.escape(f"/alerts/{aid}") + "$"))
             page.click("#ack-btn")

@@ -120,7 +120,7 @@ class TestConsoleLive:
         expect(page).to_have_url(re.compile(r"q=tanaka"))
         page.screenshot(path=str(screenshots / "console-list.png"))
 
-        first = sink.wait_for(lambda m: bool(sink.about(acked_id, to=HOTLINE)), 30, "the hotline mail")
+        first = sink.wait_for_blocking(lambda m: bool(sink.about(acked_id, to=HOTLINE)), 30, "the hotline mail")
         first_mail_at = min(r.at for r in first if r.alert_id == acked_id)
 
         row(page, acked_id).locator("a").click()
@@ -134,7 +134,7 @@ class TestConsoleLive:
         page.fill("#ack-form textarea[name=comment]", "本人に確認中")
         page.click("#ack-btn")
         expect(page.locator("#a-msg")).to_have_text("受領を記録しました。")
-        acked_at = time.time()
+        acked_at = time.monotonic()
         trail_ack = page.locator('#d-trail tbody tr[data-action="ack"]')
         expect(trail_ack).to_contain_text("sato")
         expect(trail_ack).to_contain_text("コンソール")
@@ -147,9 +147,9 @@ class TestConsoleLive:
         assert [(a["by"], a["via"], a["comment"]) for a in acks] == [("sato", "console", "本人に確認中")]
 
         # The unacknowledged control alert is escalated to tier 1 ...
-        sink.wait_for(lambda m: bool(sink.about(control_id, to=TIER1)), TIER_AFTER_S + 30, "tier-1 mail of the control alert")
+        sink.wait_for_blocking(lambda m: bool(sink.about(control_id, to=TIER1)), TIER_AFTER_S + 30, "tier-1 mail of the control alert")
         # ... the acknowledged one never is.
-        time.sleep(max(0.0, first_mail_at + TIER_AFTER_S + 4.0 - time.time()))
+        time.sleep(max(0.0, first_mail_at + TIER_AFTER_S + 4.0 - time.monotonic()))
         assert sink.about(acked_id, to=TIER1) == []
         page.reload()
         expect(page.locator('#d-trail tbody tr[data-action="escalation.step"]')).to_have_count(0)
@@ -213,7 +213,7 @@ class TestConsoleLive:
         """The signed link in the mail acknowledges once (no sign-in needed); a second use and an expired link do not."""
         aid = off_hours_id("u-ito")
         stack.produce(weekend_events("u-ito", "税務課"))
-        mails = sink.wait_for(lambda m: bool(sink.about(aid, to=HOTLINE)), 30, "the hotline mail")
+        mails = sink.wait_for_blocking(lambda m: bool(sink.about(aid, to=HOTLINE)), 30, "the hotline mail")
         links = [link for r in mails if r.alert_id == aid for link in ack_links(r)]
         assert links, "the mail has no ack link"
         link = links[0]

@@ -1,7 +1,7 @@
-"""No personal number in any mail: checked per test here, and for the whole session in conftest.
+"""No personal number in any mail: checked per test here, and for the whole session in tests/conftest.py.
 
 ``conftest.no_personal_number_in_any_mail`` scans every mail every
-:class:`MailSink` received during the session (headers and decoded text
+:class:`MailSink` (escalation and console tests alike) received during the session (headers and decoded text
 parts) when the session ends, and fails the run on any 12-digit run. The
 tests below push alerts whose every field holds valid personal numbers
 through composition and a real SMTP server, and make sure the check itself

@@ -1,8 +1,7 @@
-"""The Kafka feed of the synthetic municipality, against the embedded tansu broker."""
+"""The Kafka feed of the synthetic municipality, against the session's embedded tansu broker."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import date
 
 import pytest
@@ -17,13 +16,6 @@ from streams.brokers import TansuBroker, create_topics
 CODEC = EventCodec(Pseudonymizer(b"feed-test-key-0123456789"))
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def tansu() -> Iterator[TansuBroker]:
-    """An in-memory tansu broker for this module."""
-    with TansuBroker() as broker:
-        yield broker
 
 
 async def consume(bootstrap: str, topic: str, expected: int) -> list[tuple[bytes, bytes]]:

@@ -322,6 +322,23 @@ class TestScenarios:
         assert {t.name for t in log.scenario_truth} | set(log.skipped) == set(SCENARIOS)
         assert all(log.skipped.values())
 
+    @pytest.mark.timeout(60)
+    @pytest.mark.parametrize(("seed", "days", "staff"), [(3, 4, 24), (5, 6, 30)])
+    def test_many_terminals_in_a_small_department(self, seed: int, days: int, staff: int) -> None:
+        """Regression: fewer than 5 colleague terminals in the department no longer hangs
+        ``many_terminals``; it borrows other departments' terminals (or is skipped with a reason)."""
+        log = generate(seed=seed, days=days, staff=staff, scenarios=["many_terminals"])
+        events = list(log)
+        if "many_terminals" in log.skipped:
+            assert log.skipped["many_terminals"]
+            return
+        (truth,) = log.scenario_truth
+        st = log.town.by_user[truth.user]
+        colleagues = {s.terminal for s in log.town.staff if s.dept.name == st.dept.name and s.user != st.user}
+        assert len(colleagues) < 5  # the case that used to loop forever
+        used = {e.terminal for e in events if e.event_id.startswith("x0-")}
+        assert len(used) == 5 and st.terminal not in used and not used <= colleagues
+
     def test_unknown_scenario(self) -> None:
         """An unknown scenario name is an error naming it."""
         with pytest.raises(ValueError, match="nope"):

@@ -1,6 +1,7 @@
-"""Real brokers for integration tests.
+"""Real brokers for every test directory (imported by the root ``tests/conftest.py``).
 
-Fixtures (all session-scoped, started lazily on first use, stopped at the end):
+Fixtures (all session-scoped, started lazily on first use, stopped at the end,
+so a whole run shares ONE tansu and ONE Apache Kafka broker):
 
 * ``apache_kafka`` -- :class:`streams.brokers.ApacheKafkaBroker`, single-node
   KRaft Kafka from the jars ``deploy/kafka/fetch.sh`` downloads (Java 17+ and
@@ -12,7 +13,7 @@ Fixtures (all session-scoped, started lazily on first use, stopped at the end):
 Nothing is skipped: a missing Java, Maven or tansu binary makes the fixture
 error with a message saying what to install. Every test that uses one of these
 fixtures is marked ``integration`` automatically (``-m "not integration"``
-deselects them).
+deselects them). Tests share a broker, so each uses topics and groups of its own.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ import pytest
 
 from streams.brokers import ApacheKafkaBroker, BrokerProcess, TansuBroker
 
+__all__ = ["BROKER_FIXTURES", "apache_kafka", "broker", "mark_integration", "tansu"]
+
 BROKER_FIXTURES = {"apache": "apache_kafka", "tansu": "tansu"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def mark_integration(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a broker fixture ``integration``."""
     names = {"broker", *BROKER_FIXTURES.values()}
     for item in items:
         if names.intersection(getattr(item, "fixturenames", ())):
@@ -40,15 +44,15 @@ def apache_kafka() -> Iterator[ApacheKafkaBroker]:
     # Faust workers in tests) use shorter ones to keep rebalances quick.
     with ApacheKafkaBroker(
         partitions=1, extra_config={"group.min.session.timeout.ms": 1000}
-    ) as broker:
-        yield broker
+    ) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")
 def tansu() -> Iterator[TansuBroker]:
     """A started in-memory tansu broker, shared by the session."""
-    with TansuBroker() as broker:
-        yield broker
+    with TansuBroker() as started:
+        yield started
 
 
 @pytest.fixture(scope="session", params=sorted(BROKER_FIXTURES))
