@@ -113,6 +113,16 @@ _T: Final[dict[str, dict[str, str]]] = {
         "devices": "媒体",
         "subjects": "参照された記録（仮名）",
         "details": "補足",
+        "rows_events": "該当する操作",
+        "rows_timeline": "直前の操作（職員）",
+        "col_ts": "日時",
+        "col_event_id": "記録ID",
+        "col_action": "操作",
+        "col_result": "結果",
+        "col_terminal": "端末",
+        "col_subject": "対象（仮名）",
+        "col_records": "件数",
+        "col_device": "媒体",
         "issues": "読み込めなかった行",
         "issues_none": "すべての行を読み込みました。",
         "issues_more": "ほか {n} 件（表示を省略）",
@@ -175,6 +185,16 @@ _T: Final[dict[str, dict[str, str]]] = {
         "devices": "Devices",
         "subjects": "Records referenced (pseudonyms)",
         "details": "Details",
+        "rows_events": "Matching operations",
+        "rows_timeline": "The user's preceding operations",
+        "col_ts": "Time",
+        "col_event_id": "Event id",
+        "col_action": "Action",
+        "col_result": "Result",
+        "col_terminal": "Terminal",
+        "col_subject": "Record (pseudonym)",
+        "col_records": "Records",
+        "col_device": "Device",
         "issues": "Rows that could not be read",
         "issues_none": "Every row was read.",
         "issues_more": "and {n} more (not shown)",
@@ -293,10 +313,17 @@ def _finding(alert: Alert, rule: Rule | None, lang: str) -> str:
     if alert.subjects:
         evidence.append((t["subjects"], _code_list(alert.subjects)))
     for key, value in sorted(alert.details.items()):
+        if key in _EVENT_TABLES:
+            continue  # rendered as tables below
         shown = ", ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
         evidence.append((f'{t["details"]}: <code>{_e(key)}</code>', _e(shown)))
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     ev_body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in evidence)
+    ev_body += "".join(
+        f'<tr><th>{_e(t["rows_" + key])}</th><td>{_event_table(alert.details[key], lang)}</td></tr>'
+        for key in _EVENT_TABLES
+        if alert.details.get(key)
+    )
     sev = alert.severity if alert.severity in SEVERITY_RANK else "low"
     return (
         f'<article class="finding sev-{_e(sev)}" id="{_e(alert.alert_id)}">'
@@ -305,6 +332,29 @@ def _finding(alert: Alert, rule: Rule | None, lang: str) -> str:
         f'<table class="evidence"><caption class="muted">{_e(t["evidence"])}</caption>{ev_body}</table>'
         "</article>"
     )
+
+
+#: Detail keys holding event rows (see detectors.engine), shown as tables.
+_EVENT_TABLES = ("events", "timeline")
+_EVENT_COLUMNS = ("ts", "event_id", "action", "result", "terminal", "subject", "records", "device")
+
+
+def _event_table(rows: Any, lang: str) -> str:
+    """Evidence or timeline rows as a small table (times in the report's style)."""
+    if not isinstance(rows, list):
+        return _e(str(rows))
+    head = "".join(f"<th>{_e(_T[lang]['col_' + c])}</th>" for c in _EVENT_COLUMNS)
+    body = []
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        cells = []
+        for c in _EVENT_COLUMNS:
+            value = row.get(c)
+            text = _when(value, lang) if c == "ts" and isinstance(value, str) else ("" if value is None else str(value))
+            cells.append(f"<td>{_e(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="rows"><tr>{head}</tr>{"".join(body)}</table>'
 
 
 def _how_block(stats: ReportStats, rules: Mapping[str, Rule], lang: str) -> str:

@@ -330,3 +330,16 @@ class TestRulesCommand:
         assert main(["rules", "--overrides", str(overrides)]) == 0
         line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("off_hours"))
         assert " no " in line
+
+
+class TestEvidenceTables:
+    """Evidence and timeline rows read as tables, not as program output."""
+
+    def test_rows_render_as_tables(self, tmp_path: Path) -> None:
+        """The report shows the matching operations as a table and no raw dict text."""
+        code, _, report = analyze(tmp_path, PPC_SAMPLE)
+        html = report.read_text(encoding="utf-8")
+        assert code == 0
+        assert "該当する操作" in html and "直前の操作（職員）" in html and 'class="rows"' in html
+        assert "{'ts'" not in html and "&#x27;ts&#x27;" not in html
+        assert "操作記録（イベント）数" in html  # the summary label is untouched
