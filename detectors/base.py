@@ -17,6 +17,20 @@ Writing one::
         settings_type = OffHoursSettings
 
         def process(self, ev, user, emit): ...
+
+The engine only calls ``process`` with events the detector declared it wants
+(:attr:`Detector.actions`, :attr:`Detector.results`,
+:attr:`Detector.needs_mynumber_ref`, :attr:`Detector.outside_business_hours_only`,
+or an override of :meth:`Detector.wants`), so the common event costs nothing
+in detectors it does not concern.
+
+Expiry: :meth:`Detector.expire` runs at the engine's hourly sweeps. A detector
+whose states carry a ``due`` attribute (set :attr:`Detector.tracks_due`) is
+only asked once the watermark reaches it: ``due`` must never be later than the
+earliest watermark at which ``expire`` would change the state (``0`` always
+qualifies: "look at the next sweep"), and ``expire`` sets it afresh. Whenever
+``process`` creates a state or lowers its ``due``, it lowers
+:attr:`UserState.wake` to match: the engine does not visit a user before it.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import re
 import types
 import typing
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final, Generic, Protocol, TypeVar
 
@@ -37,6 +52,7 @@ __all__ = [
     "DAY_MS",
     "HOUR_MS",
     "MINUTE_MS",
+    "NEVER",
     "Detector",
     "Emitter",
     "UserState",
@@ -47,6 +63,9 @@ __all__ = [
 MINUTE_MS: Final = 60_000
 HOUR_MS: Final = 60 * MINUTE_MS
 DAY_MS: Final = 24 * HOUR_MS
+
+#: A ``due`` time that never comes (nothing in the state can expire).
+NEVER: Final = 1 << 62
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
 _UNIT_MS: Final = {"ms": 1, "s": 1000, "m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS, "w": 7 * DAY_MS}
@@ -71,19 +90,24 @@ def parse_duration(value: Any) -> int:
 class UserState:
     """Everything leakwatch keeps about one user: one slot per detector."""
 
-    __slots__ = ("alerts", "department", "last_ts", "recent", "slots")
+    __slots__ = ("alerts", "department", "first_ts", "last_ts", "recent", "slots", "wake")
 
-    def __init__(self, n_detectors: int) -> None:
+    def __init__(self, n_detectors: int, recent_events: int = 16) -> None:
         #: Per-detector state, ``None`` until that detector first needs it.
         self.slots: list[Any] = [None] * n_detectors
         #: Newest event time seen for this user.
         self.last_ts = 0
+        #: Oldest event time seen for this user (observation start; snapshotted).
+        self.first_ts = 0
         #: Last department seen (events may omit it).
         self.department: str | None = None
         #: The user's most recent events, for alert evidence (not snapshotted).
-        self.recent: list[Event] = []
+        self.recent: deque[Event] = deque(maxlen=recent_events)
         #: Open findings, keyed by (rule id, reason, window start, key); engine-owned.
         self.alerts: dict[tuple[str, str, int, str], Any] = {}
+        #: No detector state of this user is due before this watermark (0: at
+        #: the next sweep). A detector that lowers a state's ``due`` lowers this too.
+        self.wake = 0
 
 
 class Emitter(Protocol):
@@ -116,6 +140,18 @@ class Detector(ABC, Generic[S, C]):
     name: ClassVar[str]
     #: Actions this detector wants; ``None`` means every event.
     actions: ClassVar[frozenset[str] | None] = None
+    #: Results (``success``, ``failure``, ``denied``) this detector wants; ``None`` means all.
+    results: ClassVar[frozenset[str] | None] = None
+    #: Only events that reference personal numbers (``mynumber_ref``).
+    needs_mynumber_ref: ClassVar[bool] = False
+    #: Only events outside business hours (the calendar's: a non-working day, or
+    #: outside the hours on a working day). The engine may still pass others.
+    outside_business_hours_only: ClassVar[bool] = False
+    #: The detector reads :attr:`UserState.first_ts` (observation start): the
+    #: engine then keeps a user as long as ``idle_ttl``, even with no state.
+    uses_first_ts: ClassVar[bool] = False
+    #: The detector's states have a ``due`` attribute (see the module docstring).
+    tracks_due: ClassVar[bool] = False
     #: The frozen dataclass its rule's ``params`` are read into.
     settings_type: ClassVar[type[Any]]
 
@@ -135,6 +171,30 @@ class Detector(ABC, Generic[S, C]):
         """A RuleError about one of this rule's params."""
         return RuleError(self.rule.source, f"params.{param}", reason)
 
+    def wants(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> bool:
+        """Whether events of this kind go to :meth:`process` (asked once per kind, then cached).
+
+        ``location`` is ``None`` unless it is one of :meth:`locations`. The
+        default reads :attr:`actions`, :attr:`results` and :attr:`needs_mynumber_ref`.
+        """
+        return (
+            (self.actions is None or action in self.actions)
+            and (self.results is None or result in self.results)
+            and (mynumber_ref or not self.needs_mynumber_ref)
+        )
+
+    def handler(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> Callable[[Event, UserState, Emitter], None] | None:
+        """What the engine calls for events of this kind: :meth:`process` if :meth:`wants` them, else nothing.
+
+        A detector may return a narrower method that handles exactly this kind
+        of event the way :meth:`process` would, saving it the checks.
+        """
+        return self.process if self.wants(action, result, mynumber_ref, location) else None
+
+    def locations(self) -> frozenset[str]:
+        """Event locations that can change the answer of :meth:`wants` (others are passed as ``None``)."""
+        return frozenset()
+
     @abstractmethod
     def process(self, ev: Event, user: UserState, emit: Emitter) -> None:
         """Handle one event of ``user`` (state in ``user.slots[self.index]``)."""
@@ -148,8 +208,15 @@ class Detector(ABC, Generic[S, C]):
         """Inverse of :meth:`dump`."""
 
     def expire(self, state: S, watermark_ms: int) -> S | None:
-        """Drop what no window can need any more; ``None`` drops the state."""
+        """Drop what no window can need any more; ``None`` drops the state.
+
+        With :attr:`tracks_due`, also set the state's ``due`` afresh.
+        """
         return state
+
+    def legacy_first_ts(self, data: Any) -> int | None:
+        """The observation start kept in an older snapshot layout of this detector's state, if any."""
+        return None
 
 
 def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:

@@ -48,10 +48,11 @@ most ``baseline_days`` counts, and the recent write-outs within ``window``
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from detectors.base import DAY_MS, HOUR_MS, MINUTE_MS, Detector, Emitter, UserState
+from detectors.base import DAY_MS, HOUR_MS, MINUTE_MS, NEVER, Detector, Emitter, UserState
 from detectors.calendar import DAY_WORKDAY
 from detectors.windows import SlidingWindow
 from schemas.event import EXPORT_ACTIONS, LOOKUP_ACTIONS, Event
@@ -90,7 +91,7 @@ class BulkExportSettings:
 class BulkExportState:
     """One user's look-up counts, baseline ring and recent write-outs."""
 
-    __slots__ = ("count", "day", "days", "end", "limit", "mean", "ring", "settled", "used", "window")
+    __slots__ = ("count", "day", "days", "due", "end", "limit", "mean", "ring", "settled", "used", "window")
 
     def __init__(self) -> None:
         #: Start (epoch ms of local midnight) of the newest day with look-ups.
@@ -112,6 +113,8 @@ class BulkExportState:
         #: Cached baseline mean of ``day`` and the days it averages; derived, never dumped.
         self.mean = 0.0
         self.used = 0
+        #: Nothing expires before this watermark (0: look at the next sweep); derived, never dumped.
+        self.due = 0
 
 
 def _is_lookup(ev: Event) -> bool:
@@ -157,6 +160,8 @@ class BulkExportDetector(Detector[BulkExportState, BulkExportSettings]):
 
     name = "bulk_export"
     actions = LOOKUP_ACTIONS | WRITE_OUT_ACTIONS
+    results = frozenset({"success"})
+    tracks_due = True
     settings_type = BulkExportSettings
 
     __slots__ = ()
@@ -185,28 +190,52 @@ class BulkExportDetector(Detector[BulkExportState, BulkExportSettings]):
 
     # -- processing ---------------------------------------------------------
 
+    def handler(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> Callable[[Event, UserState, Emitter], None] | None:
+        """Successful look-ups and successful write-outs have their own paths."""
+        if result != "success":
+            return None
+        if action in LOOKUP_ACTIONS:
+            return self._lookup
+        return self._write_out_event if action in WRITE_OUT_ACTIONS else None
+
     def process(self, ev: Event, user: UserState, emit: Emitter) -> None:
-        """Count a look-up of the day, or add a write-out to the sliding sum."""
-        if ev.result != "success":
-            return
+        """Count a look-up of the day, or add a write-out to the sliding sum (successful ones only)."""
+        handler = self.handler(ev.action, ev.result, ev.mynumber_ref, None)
+        if handler is not None:
+            handler(ev, user, emit)
+
+    def _state(self, user: UserState) -> BulkExportState:
         st: BulkExportState | None = user.slots[self.index]
         if st is None:
             st = user.slots[self.index] = BulkExportState()
-        if ev.action in LOOKUP_ACTIONS:
-            if st.day <= ev.ts_ms < st.end:
-                n = st.count = st.count + 1
-                if n > st.limit:
-                    self._check_today(st, ev, n, emit)
-                return
-            self._lookup_other_day(st, ev, emit)
-        else:
-            self._write_out(st, ev, emit)
+            user.wake = 0
+        return st
+
+    def _lookup(self, ev: Event, user: UserState, emit: Emitter) -> None:
+        st: BulkExportState | None = user.slots[self.index]
+        if st is not None and st.day <= ev.ts_ms < st.end:
+            n = st.count = st.count + 1
+            if n > st.limit:
+                self._check_today(st, ev, n, emit)
+            return
+        st = self._state(user)
+        self._lookup_other_day(st, ev, emit)
+        if st.due < user.wake:
+            user.wake = st.due
+
+    def _write_out_event(self, ev: Event, user: UserState, emit: Emitter) -> None:
+        st = self._state(user)
+        self._write_out(st, ev, emit)
+        if st.due < user.wake:
+            user.wake = st.due
 
     def _lookup_other_day(self, st: BulkExportState, ev: Event, emit: Emitter) -> None:
         ts = ev.ts_ms
         if ts < st.settled:
             return  # that day is already part of the baseline
         start = self.day_start(ts)
+        if start + DAY_MS < st.due:
+            st.due = start + DAY_MS
         if start > st.day:
             if st.count:
                 st.days[st.day] = st.count
@@ -263,6 +292,8 @@ class BulkExportDetector(Detector[BulkExportState, BulkExportSettings]):
             window = st.window = SlidingWindow()
         s = self.settings
         newest = insert(window, ev.ts_ms, records)
+        if window.times[0] + s.window_ms < st.due:
+            st.due = window.times[0] + s.window_ms
         threshold = s.max_records
         best: dict[int, int] = {}
         for t, total in affected_totals(window, ev.ts_ms, s.window_ms, newest):
@@ -312,6 +343,14 @@ class BulkExportDetector(Detector[BulkExportState, BulkExportSettings]):
             state.day, state.end, state.count = _NO_DAY, _NO_DAY + DAY_MS, 0
         if not state.ring and not state.days and not state.count and state.window is None:
             return None
+        due = NEVER
+        if state.window is not None:
+            due = state.window.times[0] + self.settings.window_ms
+        if state.days:
+            due = min(due, min(state.days) + DAY_MS)
+        if state.day != _NO_DAY:
+            due = min(due, state.day + DAY_MS)
+        state.due = due
         return state
 
     def _fold(self, state: BulkExportState, day: int, count: int) -> None:

@@ -26,11 +26,11 @@ from typing import Any, Final
 
 import orjson
 
-from detectors.base import DAY_MS, HOUR_MS, Detector, UserState, parse_duration
+from detectors.base import DAY_MS, HOUR_MS, MINUTE_MS, NEVER, Detector, UserState, parse_duration
 from detectors.calendar import BusinessCalendar, BusinessHours, parse_hours
 from detectors.rules import Rule, RuleError
 from schemas.alert import Alert, alert_id_for
-from schemas.event import ACTIONS, Event, format_ts
+from schemas.event import ACTIONS, RESULTS, Event, format_ts
 
 __all__ = [
     "DETECTORS",
@@ -51,6 +51,9 @@ DETECTORS: Final = {
 }
 
 _SNAPSHOT_VERSION: Final = 1
+
+_Handler = Callable[[Event, UserState, Any], None]
+_Handlers = tuple[_Handler, ...]
 
 
 def detector_class(name: str) -> type[Detector[Any, Any]]:
@@ -192,8 +195,18 @@ class Engine:
 
     __slots__ = (
         "_by_action",
+        "_by_location",
         "_emit",
+        "_expirers",
+        "_hours_hi",
+        "_hours_lo",
+        "_in_hours",
+        "_keep_users",
+        "_lateness",
+        "_learn_hours",
+        "_locations",
         "_next_sweep",
+        "_recent",
         "calendar",
         "detectors",
         "dirty",
@@ -224,10 +237,25 @@ class Engine:
             except KeyError:
                 raise RuleError(rule.source, "detector", f"no detector named {rule.detector!r} (known: {', '.join(DETECTORS)})") from None
             self.detectors.append(cls(rule, self.calendar, index))
-        self._by_action: dict[str, tuple[Callable[[Event, UserState, Any], None], ...]] = {
-            action: tuple(self._handler(d) for d in self.detectors if d.actions is None or action in d.actions)
-            for action in ACTIONS
-        }
+        #: Dispatch tables: action -> result -> (handlers without, with ``mynumber_ref``);
+        #: the second for events within business hours.
+        self._by_action: dict[str, dict[str, tuple[_Handlers, _Handlers]]] = {}
+        self._in_hours: dict[str, dict[str, tuple[_Handlers, _Handlers]]] = {}
+        #: Handlers for events at one of the detectors' special locations, by kind.
+        self._by_location: dict[tuple[str, str, bool, bool, str], _Handlers] = {}
+        self._locations: frozenset[str] = frozenset().union(*(d.locations() for d in self.detectors))
+        #: The business-hours span [lo, hi) (epoch ms) of the last workday seen, when
+        #: a detector wants only events outside business hours and every
+        #: department keeps the same hours; events within it skip such detectors.
+        self._hours_lo = self._hours_hi = 0
+        self._learn_hours = not self.calendar.hours and any(d.outside_business_hours_only for d in self.detectors)
+        for action in ACTIONS:
+            for result in RESULTS:
+                self._dispatch(action, result)
+        self._expirers = tuple((d.index, d.expire, d.tracks_due) for d in self.detectors if type(d).expire is not Detector.expire)
+        self._keep_users = any(d.uses_first_ts for d in self.detectors)
+        self._lateness = self.settings.lateness_ms
+        self._recent = self.settings.recent_events
         self.users: dict[str, UserState] = {}
         #: Users whose state changed since :meth:`clear_dirty`.
         self.dirty: set[str] = set()
@@ -240,11 +268,11 @@ class Engine:
         self._emit = self._emit_finding
 
     @staticmethod
-    def _handler(det: Detector[Any, Any]) -> Callable[[Event, UserState, Any], None]:
+    def _allowlisted(det: Detector[Any, Any], handler: _Handler) -> _Handler:
+        """``handler`` behind the rule's allowlist (as is when the allowlist is empty)."""
         allow = det.rule.allowlist
         if not allow:
-            return det.process
-        process = det.process
+            return handler
         users, terminals, departments, devices = allow.users, allow.terminals, allow.departments, allow.devices
 
         def allowlisted(ev: Event, user: UserState, emit: Any) -> None:
@@ -255,33 +283,90 @@ class Engine:
                 or (ev.device is not None and ev.device in devices)
             ):
                 return
-            process(ev, user, emit)
+            handler(ev, user, emit)
 
         return allowlisted
+
+    def _dispatch(self, action: str, result: str) -> tuple[_Handlers, _Handlers]:
+        """The handlers for events of ``action`` and ``result`` (without, with ``mynumber_ref``); cached.
+
+        Also fills the table used within business hours (:attr:`_in_hours`).
+        """
+        for in_hours, table in ((False, self._by_action), (True, self._in_hours)):
+            table.setdefault(action, {})[result] = (
+                self._handlers(action, result, False, in_hours, None),
+                self._handlers(action, result, True, in_hours, None),
+            )
+        return self._by_action[action][result]
+
+    def _handlers(self, action: str, result: str, mynumber_ref: bool, in_hours: bool, location: str | None) -> _Handlers:
+        found: list[_Handler] = []
+        for det in self.detectors:
+            if in_hours and det.outside_business_hours_only:
+                continue
+            handler = det.handler(action, result, mynumber_ref, location)
+            if handler is not None:
+                found.append(self._allowlisted(det, handler))
+        return tuple(found)
+
+    def _at_location(self, ev: Event, in_hours: bool, location: str | None) -> _Handlers:
+        """The handlers for an event at one of the special locations; cached."""
+        key = (ev.action, ev.result, ev.mynumber_ref, in_hours, location or "")
+        found = self._by_location.get(key)
+        if found is None:
+            found = self._by_location[key] = self._handlers(ev.action, ev.result, ev.mynumber_ref, in_hours, location)
+        return found
+
+    def _within_hours(self, ts: int) -> bool:
+        """Whether ``ts`` is within business hours (on a miss of the cached span); learns the span."""
+        cal = self.calendar
+        if not cal.classify(ts)[1]:
+            return False
+        hours = cal.default
+        minute = cal.local_minute(ts)
+        minute_start = ts - ts % MINUTE_MS
+        lo = minute_start - (minute - hours.start) * MINUTE_MS
+        hi = minute_start + (hours.end - minute) * MINUTE_MS
+        # Only a span through which local time runs evenly (no change of UTC offset).
+        if cal.local_minute(lo) == hours.start and cal.local_minute(hi - 1) == hours.end - 1 and cal.local_day(lo) == cal.local_day(hi - 1):
+            self._hours_lo, self._hours_hi = lo, hi
+        return True
 
     # -- processing ---------------------------------------------------------
 
     def process(self, ev: Event) -> None:
         """Run every interested detector on one event."""
         name = ev.user
+        ts = ev.ts_ms
         user = self.users.get(name)
         if user is None:
-            user = self.users[name] = UserState(len(self.detectors))
-        ts = ev.ts_ms
-        if ts >= user.last_ts:
+            user = self.users[name] = UserState(len(self.detectors), self._recent)
+            user.first_ts = user.last_ts = ts
+        elif ts >= user.last_ts:
             user.last_ts = ts
-        elif ts < user.last_ts - self.settings.lateness_ms:
+        elif ts < user.last_ts - self._lateness:
             self.late.append(ev)
             return
+        elif ts < user.first_ts:
+            user.first_ts = ts
         if ev.department is not None:
             user.department = ev.department
-        recent = user.recent
-        recent.append(ev)
-        if len(recent) > self.settings.recent_events:
-            del recent[0]
+        user.recent.append(ev)
         self.dirty.add(name)
+        if self._hours_lo <= ts < self._hours_hi or (self._learn_hours and self._within_hours(ts)):
+            table, in_hours = self._in_hours, True
+        else:
+            table, in_hours = self._by_action, False
+        try:
+            handlers = table[ev.action][ev.result][ev.mynumber_ref]
+        except KeyError:
+            self._dispatch(ev.action, ev.result)
+            handlers = table[ev.action][ev.result][ev.mynumber_ref]
+        location = ev.location
+        if location in self._locations:
+            handlers = self._at_location(ev, in_hours, location)
         emit = self._emit
-        for handler in self._by_action[ev.action]:
+        for handler in handlers:
             handler(ev, user, emit)
         if ts > self.max_ts:
             self.max_ts = ts
@@ -414,6 +499,8 @@ class Engine:
 
         Called by :meth:`process` once per event-time hour; the streaming
         layer may call it with an explicit watermark (e.g. on idle partitions).
+        A user's detector states are only visited when the user had events
+        since the last visit or one of the states is due (``UserState.wake``).
         """
         explicit = watermark_ms is not None
         if watermark_ms is None:
@@ -421,20 +508,39 @@ class Engine:
         self._next_sweep = (self.max_ts // HOUR_MS + 1) * HOUR_MS
         idle_before = watermark_ms - self.settings.idle_ttl_ms
         lateness = self.settings.lateness_ms
+        keep = self._keep_users
+        expirers = self._expirers
         gone: list[str] = []
         for name, user in self.users.items():
+            last = user.last_ts
             # Lateness is per user (one shipper may lag behind the others), so
             # event-driven sweeps close a user's windows by that user's own
             # watermark; an explicit watermark (time has passed) applies to all.
-            user_mark = watermark_ms if explicit else min(watermark_ms, user.last_ts - lateness)
+            user_mark = watermark_ms if explicit or watermark_ms < last - lateness else last - lateness
             if user.alerts:
                 self._close_findings(name, user, user_mark)
-            slots = user.slots
-            for det in self.detectors:
-                state = slots[det.index]
-                if state is not None:
-                    slots[det.index] = det.expire(state, user_mark)
-            if user.last_ts < idle_before or (not user.alerts and all(s is None for s in slots) and user.last_ts < watermark_ms):
+            if user.wake <= user_mark:
+                # Expire the states due by the user's watermark; note when the next one is.
+                slots = user.slots
+                wake = NEVER
+                for index, expire, tracks_due in expirers:
+                    state = slots[index]
+                    if state is None:
+                        continue
+                    if not tracks_due:
+                        slots[index] = expire(state, user_mark)
+                        wake = 0
+                        continue
+                    if state.due <= user_mark:
+                        state = slots[index] = expire(state, user_mark)
+                        if state is None:
+                            continue
+                    if state.due < wake:
+                        wake = state.due
+                user.wake = wake
+            if last < idle_before or (
+                not keep and not user.alerts and last < watermark_ms and all(s is None for s in user.slots)
+            ):
                 gone.append(name)
         for name in gone:
             del self.users[name]
@@ -465,6 +571,7 @@ class Engine:
             return None
         doc = {
             "v": _SNAPSHOT_VERSION,
+            "first": user.first_ts,
             "last": user.last_ts,
             "dep": user.department,
             "s": {det.rule.id: det.dump(user.slots[det.index]) for det in self.detectors if user.slots[det.index] is not None},
@@ -480,13 +587,18 @@ class Engine:
         doc = orjson.loads(data)
         if doc.get("v") != _SNAPSHOT_VERSION:
             raise ValueError(f"unsupported snapshot version {doc.get('v')!r}")
-        user = UserState(len(self.detectors))
+        user = UserState(len(self.detectors), self._recent)
         user.last_ts = doc["last"]
         user.department = doc["dep"]
         states = doc["s"]
+        first = doc.get("first")
         for det in self.detectors:
             if det.rule.id in states:
-                user.slots[det.index] = det.load(states[det.rule.id])
+                data_ = states[det.rule.id]
+                if first is None:
+                    first = det.legacy_first_ts(data_)  # snapshots written before "first" existed
+                user.slots[det.index] = det.load(data_)
+        user.first_ts = int(first) if first is not None else user.last_ts
         for key, data_ in doc["a"]:
             if key[0] in self.rules:
                 user.alerts[(key[0], key[1], int(key[2]), key[3])] = _Finding.load(data_, self.rules)

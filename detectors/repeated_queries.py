@@ -28,10 +28,11 @@ the look-up that crossed the threshold, so ids do not depend on arrival order.
 State per user: the recent look-up times per subject, for at most
 ``max_subjects`` subjects (least recently looked up evicted first), pruned on
 every sweep. Successful look-ups are the most common event of all, so their
-times are kept as sorted 64-bit integers packed into ``bytes``: appending is
-one concatenation, and, unlike lists or tuples, ``bytes`` are invisible to
-the garbage collector (with a list per subject, its scans cost more than the
-detection itself). The same sliding rule as
+times are kept as a sorted list per subject, appended in place, and a
+look-up of the same subject as the user's previous one (the common case:
+search, view, view again) needs no dictionary work at all. The lists only
+live while their subject is looked up (an hour or two), so the garbage
+collector sees few of them. The same sliding rule as
 :class:`~detectors.windows.SlidingWindow` applies (a look-up at ``t`` fires
 when ``(t - window, t]`` holds ``threshold`` look-ups). Failures, which are
 rare, use :class:`~detectors.windows.SlidingWindow` itself.
@@ -39,14 +40,14 @@ rare, use :class:`~detectors.windows.SlidingWindow` itself.
 
 from __future__ import annotations
 
-import struct
-from array import array
 from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
+from itertools import islice, pairwise
 from typing import Any, Final
 
-from detectors.base import DAY_MS, HOUR_MS, Detector, Emitter, UserState
+from detectors.base import DAY_MS, HOUR_MS, NEVER, Detector, Emitter, UserState
 from detectors.windows import SlidingWindow, tumbling_start
 from schemas.event import LOOKUP_ACTIONS, Event
 
@@ -54,19 +55,9 @@ __all__ = ["RepeatedQueriesDetector", "RepeatedQueriesSettings"]
 
 #: Look-up times kept per subject at most (a runaway script cannot grow state without bound).
 MAX_TIMES_PER_SUBJECT: Final = 1000
-_MAX_BYTES: Final = 8 * MAX_TIMES_PER_SUBJECT
 _MS: Final = timedelta(milliseconds=1)
-#: Look-up times are packed as native signed 64-bit integers (``array("q")`` layout).
-_TIME: Final = struct.Struct("q")
-_pack: Final = _TIME.pack
-_unpack_from: Final = _TIME.unpack_from
-
-
-def _unpack(times: bytes) -> array[int]:
-    """Packed look-up times to an ``array("q")`` (sorted, so bisect works on it)."""
-    decoded = array("q")
-    decoded.frombytes(times)
-    return decoded
+#: ``_Lookups.last_times`` of a state with no last subject.
+_NONE: Final[list[int]] = []
 
 
 def _local_offset_ms(tz: tzinfo, ts_ms: int) -> int:
@@ -92,11 +83,21 @@ class RepeatedQueriesSettings:
 class _Lookups:
     """One user's recent look-ups: subject -> sorted times (ok) / sliding window (failed)."""
 
-    __slots__ = ("bad", "ok")
+    __slots__ = ("bad", "due", "last", "last_times", "ok", "ordered")
 
     def __init__(self) -> None:
-        self.ok: dict[str, bytes] = {}
+        #: Subject -> look-up times, least recently looked up first.
+        self.ok: dict[str, list[int]] = {}
+        #: The last subject in ``ok`` (the most recently looked up) and its times,
+        #: or ``None``: a look-up of the same subject again needs no reordering.
+        self.last: str | None = None
+        self.last_times = _NONE
         self.bad: dict[str, SlidingWindow] = {}
+        #: ``ok`` is also in order of the subjects' newest look-up times (so the
+        #: first subject is the one to expire first); derived, never dumped.
+        self.ordered = True
+        #: Nothing expires before this watermark (0: look at the next sweep); derived, never dumped.
+        self.due = 0
 
 
 class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
@@ -104,9 +105,10 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
 
     name = "repeated_queries"
     actions = LOOKUP_ACTIONS
+    tracks_due = True
     settings_type = RepeatedQueriesSettings
 
-    __slots__ = ("_max_subjects", "_threshold_bytes", "_window_ms")
+    __slots__ = ("_max_subjects", "_threshold", "_window_ms")
 
     def check_settings(self) -> None:
         """Thresholds of at least 2 (one look-up is not "repeated"), windows up to 31 days."""
@@ -123,51 +125,84 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
             raise self.error("max_subjects", "must be between 1 and 100000")
         # Copied into slots: the hot path reads them once per look-up.
         self._max_subjects = s.max_subjects
-        self._threshold_bytes = 8 * s.threshold
+        self._threshold = s.threshold
         self._window_ms = s.window_ms
+
+    def handler(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> Callable[[Event, UserState, Emitter], None] | None:
+        """Successful and failed look-ups have their own paths."""
+        if action not in LOOKUP_ACTIONS:
+            return None
+        return self._lookup if result == "success" else self._failed_lookup
 
     def process(self, ev: Event, user: UserState, emit: Emitter) -> None:
         """Record one look-up of a subject; alert when it repeats too often."""
+        if ev.action in LOOKUP_ACTIONS:
+            (self._lookup if ev.result == "success" else self._failed_lookup)(ev, user, emit)
+
+    def _failed_lookup(self, ev: Event, user: UserState, emit: Emitter) -> None:
         subject = ev.subject
         if subject is None:
             return
         state: _Lookups | None = user.slots[self.index]
         if state is None:
             state = user.slots[self.index] = _Lookups()
-        if ev.result != "success":
-            self._failure(state, subject, ev, emit)
+        self._failure(state, subject, ev, emit)
+        if state.due < user.wake:
+            user.wake = state.due
+
+    def _lookup(self, ev: Event, user: UserState, emit: Emitter) -> None:
+        subject = ev.subject
+        if subject is None:
             return
-        # Hot path: most events are successful look-ups of a subject.
-        book = state.ok
+        state: _Lookups | None = user.slots[self.index]
+        if state is None:
+            state = user.slots[self.index] = _Lookups()
+            user.wake = 0
         ts = ev.ts_ms
-        times = book.pop(subject, None)
-        if times is None:
-            if len(book) >= self._max_subjects:
-                del book[next(iter(book))]
-            book[subject] = _pack(ts)
-            return  # threshold >= 2: a first look-up never fires
-        if ts >= _unpack_from(times, -8)[0]:
-            times += _pack(ts)
-            if len(times) > _MAX_BYTES:
-                times = times[8:]
-            book[subject] = times  # re-inserted: dict order is least recently used first
-            k = len(times) - self._threshold_bytes
-            if k < 0 or _unpack_from(times, k)[0] <= ts - self._window_ms:
+        # Hot path: most events are successful look-ups of a subject, often
+        # of the same one as the user's previous look-up.
+        if subject == state.last:
+            # Already the last in ``ok``: its newest time only grows, so the order holds.
+            times = state.last_times
+        else:
+            book = state.ok
+            if state.ordered and book and (state.last is None or ts < state.last_times[-1]):
+                # Out of order: moved last, the subject may not be the newest any more.
+                state.ordered = False
+                state.due = user.wake = 0
+            found = book.pop(subject, None)
+            if found is None:
+                if len(book) >= self._max_subjects:
+                    del book[next(iter(book))]
+                if not book and ts + self._window_ms < state.due:
+                    state.due = ts + self._window_ms  # the first subject is the one to expire first
+                    if state.due < user.wake:
+                        user.wake = state.due
+                book[subject] = state.last_times = [ts]
+                state.last = subject
+                return  # threshold >= 2: a first look-up never fires
+            times = book[subject] = found  # re-inserted: dict order is least recently used first
+            state.last, state.last_times = subject, times
+        if ts >= times[-1]:
+            times.append(ts)
+            n = len(times)
+            if n > MAX_TIMES_PER_SUBJECT:
+                del times[0]
+                n -= 1
+            k = n - self._threshold
+            if k < 0 or times[k] <= ts - self._window_ms:
                 return
-            decoded = _unpack(times)
             candidates = [ts]
         else:
-            decoded = _unpack(times)
-            insort(decoded, ts)
-            if len(decoded) > MAX_TIMES_PER_SUBJECT:
-                del decoded[0]
-            book[subject] = decoded.tobytes()
-            window = self.settings.window_ms
+            insort(times, ts)
+            if len(times) > MAX_TIMES_PER_SUBJECT:
+                del times[0]
+            window = self._window_ms
             # A late look-up raises the count of every later look-up within the window.
-            candidates = sorted(set(decoded[bisect_left(decoded, ts) : bisect_left(decoded, ts + window)]))
-        self._fire_lookups(ev, subject, decoded, candidates, emit)
+            candidates = sorted(set(times[bisect_left(times, ts) : bisect_left(times, ts + window)]))
+        self._fire_lookups(ev, subject, times, candidates, emit)
 
-    def _fire_lookups(self, ev: Event, subject: str, times: array[int], candidates: list[int], emit: Emitter) -> None:
+    def _fire_lookups(self, ev: Event, subject: str, times: list[int], candidates: list[int], emit: Emitter) -> None:
         s = self.settings
         window, threshold = s.window_ms, s.threshold
 
@@ -204,6 +239,8 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
         if len(sliding) >= MAX_TIMES_PER_SUBJECT:
             sliding.prune(sliding.times[0])
         sliding.add(ts, window, threshold)
+        if sliding.times[0] + window < state.due:
+            state.due = sliding.times[0] + window
         # Every fired look-up whose count this one raised (new fires included).
         fired = sorted(t for t in sliding.fired if ts <= t < ts + window)
         if not fired:
@@ -229,15 +266,16 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
     def dump(self, state: _Lookups) -> Any:
         """``{"ok": [[subject, times]...], "bad": [[subject, window]...]}``, least recent first."""
         return {
-            "ok": [[subject, _unpack(times).tolist()] for subject, times in state.ok.items()],
+            "ok": [[subject, list(times)] for subject, times in state.ok.items()],
             "bad": [[subject, sliding.dump()] for subject, sliding in state.bad.items()],
         }
 
     def load(self, data: Any) -> _Lookups:
         """Inverse of :meth:`dump`."""
         state = _Lookups()
-        state.ok = {str(subject): array("q", [int(t) for t in times]).tobytes() for subject, times in data["ok"]}
+        state.ok = {str(subject): [int(t) for t in times] for subject, times in data["ok"]}
         state.bad = {str(subject): SlidingWindow.load(w) for subject, w in data["bad"]}
+        state.ordered = False
         return state
 
     def expire(self, state: _Lookups, watermark_ms: int) -> _Lookups | None:
@@ -247,25 +285,39 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
         ``MAX_TIMES_PER_SUBJECT``); they never count in a window that is still open.
         """
         book = state.ok
+        window = self._window_ms
         if book:
             # Least recently looked up first: stop at the first subject still in use,
             # so each subject costs one visit when it goes, not one per sweep.
-            before = watermark_ms - self.settings.window_ms
-            stale: list[str] = []
-            for subject, times in book.items():
-                if _unpack_from(times, -8)[0] > before:
+            before = watermark_ms - window
+            n = 0
+            for times in book.values():
+                if times[-1] > before:
                     break
-                stale.append(subject)
-            if len(stale) == len(book):
-                state.ok = {}
-            else:
-                for subject in stale:
+                n += 1
+            if n == len(book):
+                state.ok = book = {}
+                state.last, state.last_times = None, _NONE
+            elif n:
+                for subject in list(islice(book, n)):
                     del book[subject]
+        failure_window = self.settings.failure_window_ms
         if state.bad:
-            before = watermark_ms - self.settings.failure_window_ms
+            before = watermark_ms - failure_window
             for sliding in state.bad.values():
                 sliding.prune(before)
             state.bad = {subject: w for subject, w in state.bad.items() if len(w)}
-        if not state.ok and not state.bad:
+        if not book and not state.bad:
             return None
+        due = NEVER
+        if book:
+            if state.ordered:
+                due = next(iter(book.values()))[-1] + window
+            else:
+                newest = [times[-1] for times in book.values()]
+                due = min(newest) + window
+                state.ordered = all(a <= b for a, b in pairwise(newest))
+        if state.bad:
+            due = min(due, min(w.times[0] for w in state.bad.values()) + failure_window)
+        state.due = due
         return state

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Final
 
-from detectors.base import DAY_MS, HOUR_MS, MINUTE_MS, Detector, Emitter, UserState
+from detectors.base import DAY_MS, HOUR_MS, MINUTE_MS, NEVER, Detector, Emitter, UserState
 from detectors.windows import SlidingWindow, tumbling_start
 from schemas.event import Event
 
@@ -83,12 +83,14 @@ class UnauthorizedAttemptsSettings:
 class _Attempts:
     """One user's recent failures: high-risk counts per local day, two sliding windows."""
 
-    __slots__ = ("days", "denied", "logins")
+    __slots__ = ("days", "denied", "due", "logins")
 
     def __init__(self) -> None:
         self.days: dict[int, int] = {}
         self.denied: SlidingWindow | None = None
         self.logins: SlidingWindow | None = None
+        #: Nothing expires before this watermark (0: look at the next sweep); derived, never dumped.
+        self.due = 0
 
 
 class UnauthorizedAttemptsDetector(Detector[_Attempts, UnauthorizedAttemptsSettings]):
@@ -96,9 +98,15 @@ class UnauthorizedAttemptsDetector(Detector[_Attempts, UnauthorizedAttemptsSetti
 
     name = "unauthorized_attempts"
     actions = None
+    results = frozenset({"failure", "denied"})
+    tracks_due = True
     settings_type = UnauthorizedAttemptsSettings
 
     __slots__ = ()
+
+    def wants(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> bool:
+        """Failed or denied logins, and failed or denied operations on personal data."""
+        return result != "success" and (action == "login" or mynumber_ref)
 
     def check_settings(self) -> None:
         """Thresholds of at least 1, windows up to 31 days."""
@@ -114,8 +122,6 @@ class UnauthorizedAttemptsDetector(Detector[_Attempts, UnauthorizedAttemptsSetti
 
     def process(self, ev: Event, user: UserState, emit: Emitter) -> None:
         """Count one failed/denied operation."""
-        if ev.result == "success":
-            return
         action = ev.action
         if action == "login":
             self._login(ev, user, emit)
@@ -125,10 +131,13 @@ class UnauthorizedAttemptsDetector(Detector[_Attempts, UnauthorizedAttemptsSetti
         state: _Attempts | None = user.slots[self.index]
         if state is None:
             state = user.slots[self.index] = _Attempts()
+            user.wake = 0
         ts = ev.ts_ms
         if action in HIGH_RISK_ACTIONS:
             day = ts - (self.calendar.local_minute(ts) * MINUTE_MS + ts % MINUTE_MS)
             count = state.days[day] = state.days.get(day, 0) + 1
+            if day + DAY_MS < state.due:
+                state.due = day + DAY_MS
             emit(
                 self.rule,
                 "denied_high_risk",
@@ -142,19 +151,25 @@ class UnauthorizedAttemptsDetector(Detector[_Attempts, UnauthorizedAttemptsSetti
         if state.denied is None:
             state.denied = SlidingWindow()
         s = self.settings
-        self._slide(state.denied, ev, "repeated_denied", s.window_ms, s.threshold, _is_denied_data_op, emit)
+        self._slide(state, state.denied, ev, "repeated_denied", s.window_ms, s.threshold, _is_denied_data_op, emit)
+        if state.due < user.wake:
+            user.wake = state.due
 
     def _login(self, ev: Event, user: UserState, emit: Emitter) -> None:
         state: _Attempts | None = user.slots[self.index]
         if state is None:
             state = user.slots[self.index] = _Attempts()
+            user.wake = 0
         if state.logins is None:
             state.logins = SlidingWindow()
         s = self.settings
-        self._slide(state.logins, ev, "login_failures", s.login_window_ms, s.login_threshold, _is_failed_login, emit)
+        self._slide(state, state.logins, ev, "login_failures", s.login_window_ms, s.login_threshold, _is_failed_login, emit)
+        if state.due < user.wake:
+            user.wake = state.due
 
     def _slide(
         self,
+        state: _Attempts,
         sliding: SlidingWindow,
         ev: Event,
         reason: str,
@@ -167,6 +182,8 @@ class UnauthorizedAttemptsDetector(Detector[_Attempts, UnauthorizedAttemptsSetti
         if len(sliding) >= _MAX_TIMES:
             sliding.prune(sliding.times[0])
         sliding.add(ts, window, threshold)
+        if sliding.times[0] + window < state.due:
+            state.due = sliding.times[0] + window
         # Every fired attempt whose count this one raised (new fires included),
         # so the final counts do not depend on arrival order.
         for t in sorted(t for t in sliding.fired if ts <= t < ts + window):
@@ -215,4 +232,10 @@ class UnauthorizedAttemptsDetector(Detector[_Attempts, UnauthorizedAttemptsSetti
                 state.logins = None
         if not state.days and state.denied is None and state.logins is None:
             return None
+        due = min(state.days) + DAY_MS if state.days else NEVER
+        if state.denied is not None:
+            due = min(due, state.denied.times[0] + s.window_ms)
+        if state.logins is not None:
+            due = min(due, state.logins.times[0] + s.login_window_ms)
+        state.due = due
         return state

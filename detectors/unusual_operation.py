@@ -27,8 +27,11 @@ Failed or denied attempts at these operations are left to the
 one of them; they neither alert here nor make the user an exporter.
 
 State per user is a compact baseline kept for as long as the engine keeps the
-user (first seen, last export) plus per-day counts of open findings, which
-are dropped when the day closes.
+user (last export; when the user was first seen is the engine's
+:attr:`~detectors.base.UserState.first_ts`) plus per-day counts of open
+findings, which are dropped when the day closes. Only events that can matter
+reach the detector: successful write-outs and print screens of personal
+data, and personal-data references from a telework location.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from detectors.base import DAY_MS, MINUTE_MS, Detector, Emitter, UserState
+from detectors.base import DAY_MS, MINUTE_MS, NEVER, Detector, Emitter, UserState
 from schemas.event import EXPORT_ACTIONS, Event
 
 __all__ = ["UnusualOperationDetector", "UnusualOperationSettings"]
@@ -66,27 +69,40 @@ class UnusualOperationSettings:
 
 
 class _Baseline:
-    """One user's baseline and the per-day counts of open findings."""
+    """One user's last export and the per-day counts of open findings."""
 
-    __slots__ = ("days", "first", "last_export")
+    __slots__ = ("days", "due", "last_export")
 
-    def __init__(self, first: int) -> None:
-        #: Oldest event time seen for the user.
-        self.first = first
+    def __init__(self) -> None:
         #: Newest successful export of personal data; 0 when none (or forgotten).
         self.last_export = 0
         #: (reason, local day start) -> count, for findings still open.
         self.days: dict[tuple[str, int], int] = {}
+        #: Nothing expires before this watermark (0: look at the next sweep); derived, never dumped.
+        self.due = 0
 
 
 class UnusualOperationDetector(Detector[_Baseline, UnusualOperationSettings]):
     """Alerts on print screen of personal data, first-time exports and telework access."""
 
     name = "unusual_operation"
-    actions = None  # every event: the baseline needs the user's first-seen time
+    actions = None  # see wants()
+    needs_mynumber_ref = True
+    uses_first_ts = True
+    tracks_due = True
     settings_type = UnusualOperationSettings
 
     __slots__ = ()
+
+    def wants(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> bool:
+        """Personal-data events that are watched operations, or from a telework location."""
+        if not mynumber_ref:
+            return False
+        return (action in _WATCHED and result == "success") or (location is not None and location in self.settings.telework_locations)
+
+    def locations(self) -> frozenset[str]:
+        """The telework locations."""
+        return frozenset(self.settings.telework_locations)
 
     def check_settings(self) -> None:
         """Warm-up up to a year; forgetting after at least a day and at most ten years."""
@@ -97,15 +113,10 @@ class UnusualOperationDetector(Detector[_Baseline, UnusualOperationSettings]):
             raise self.error("forget_after", "must be between 1d and 3650d")
 
     def process(self, ev: Event, user: UserState, emit: Emitter) -> None:
-        """Update the baseline; alert on unusual operations on personal data."""
-        ts = ev.ts_ms
+        """Alert on unusual operations on personal data; note exports in the baseline."""
         state: _Baseline | None = user.slots[self.index]
         if state is None:
-            state = user.slots[self.index] = _Baseline(ts)
-        elif ts < state.first:
-            state.first = ts
-        if not ev.mynumber_ref:
-            return
+            state = user.slots[self.index] = _Baseline()
         location = ev.location
         if location is not None and location in self.settings.telework_locations:
             self._telework(state, ev, location, emit)
@@ -113,7 +124,9 @@ class UnusualOperationDetector(Detector[_Baseline, UnusualOperationSettings]):
             if ev.action == "print_screen":
                 self._count(state, ev, "print_screen", emit, _is_print_screen)
             else:
-                self._export(state, ev, emit)
+                self._export(state, ev, user, emit)
+        if state.due < user.wake:
+            user.wake = state.due
 
     def _day(self, ts: int) -> int:
         return ts - (self.calendar.local_minute(ts) * MINUTE_MS + ts % MINUTE_MS)
@@ -130,6 +143,8 @@ class UnusualOperationDetector(Detector[_Baseline, UnusualOperationSettings]):
         day = self._day(ev.ts_ms)
         key = (reason, day)
         count = state.days[key] = state.days.get(key, 0) + 1
+        if day + DAY_MS < state.due:
+            state.due = day + DAY_MS
         emit(self.rule, reason, ev, day, day + DAY_MS, count, details=details, related=related)
 
     def _telework(self, state: _Baseline, ev: Event, location: str, emit: Emitter) -> None:
@@ -140,41 +155,57 @@ class UnusualOperationDetector(Detector[_Baseline, UnusualOperationSettings]):
 
         self._count(state, ev, "telework", emit, related, {"location": location})
 
-    def _export(self, state: _Baseline, ev: Event, emit: Emitter) -> None:
+    def _export(self, state: _Baseline, ev: Event, user: UserState, emit: Emitter) -> None:
         ts = ev.ts_ms
         s = self.settings
         last = state.last_export
         if ts > last:
             state.last_export = ts
+            if not last and ts + s.forget_after_ms + 1 < state.due:
+                state.due = ts + s.forget_after_ms + 1
         if ("first_export", self._day(ts)) in state.days:
             # Already a first-export day: the day's later (or late) exports join the finding.
             self._count(state, ev, "first_export", emit, _is_export)
             return
         if last and ts - last <= s.forget_after_ms:
             return  # an exporter (``last`` may even be later than ``ts``)
-        if ts - state.first < s.warmup_ms:
+        first = user.first_ts
+        if ts - first < s.warmup_ms:
             return  # not observed long enough to know what is normal
         details = {
-            "days_observed": (ts - state.first) // DAY_MS,
+            "days_observed": (ts - first) // DAY_MS,
             "days_since_last_export": (ts - last) // DAY_MS if last else None,
         }
         self._count(state, ev, "first_export", emit, _is_export, details)
 
     def dump(self, state: _Baseline) -> Any:
-        """``[first, last_export, [[reason, day_start, count]...]]``."""
-        return [state.first, state.last_export, [[reason, day, n] for (reason, day), n in state.days.items()]]
+        """``[last_export, [[reason, day_start, count]...]]``."""
+        return [state.last_export, [[reason, day, n] for (reason, day), n in state.days.items()]]
 
     def load(self, data: Any) -> _Baseline:
-        """Inverse of :meth:`dump`."""
-        state = _Baseline(int(data[0]))
-        state.last_export = int(data[1])
-        state.days = {(str(reason), int(day)): int(n) for reason, day, n in data[2]}
+        """Inverse of :meth:`dump` (also reads the older layout that began with the observation start)."""
+        if len(data) == 3:
+            data = data[1:]
+        state = _Baseline()
+        state.last_export = int(data[0])
+        state.days = {(str(reason), int(day)): int(n) for reason, day, n in data[1]}
         return state
 
-    def expire(self, state: _Baseline, watermark_ms: int) -> _Baseline:
-        """Drop closed days and a last export too old to matter; the baseline stays."""
+    def legacy_first_ts(self, data: Any) -> int | None:
+        """The observation start of the older layout."""
+        return int(data[0]) if len(data) == 3 else None
+
+    def expire(self, state: _Baseline, watermark_ms: int) -> _Baseline | None:
+        """Drop closed days and a last export too old to matter; ``None`` once nothing is left."""
         if state.days:
             state.days = {k: n for k, n in state.days.items() if k[1] + DAY_MS > watermark_ms}
-        if state.last_export and state.last_export + self.settings.forget_after_ms < watermark_ms:
+        forget = self.settings.forget_after_ms
+        if state.last_export and state.last_export + forget < watermark_ms:
             state.last_export = 0
+        if not state.days and not state.last_export:
+            return None
+        due = state.last_export + forget + 1 if state.last_export else NEVER
+        if state.days:
+            due = min(due, min(day for _, day in state.days) + DAY_MS)
+        state.due = due
         return state

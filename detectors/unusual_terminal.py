@@ -72,7 +72,7 @@ class UnusualTerminalSettings:
 class UnusualTerminalState:
     """One user's usual terminals and today's terminals."""
 
-    __slots__ = ("day", "end", "fast", "first", "flagged", "known", "n_before", "n_today", "prev", "prev_day", "seen", "today")
+    __slots__ = ("day", "due", "end", "fast", "first", "flagged", "known", "n_before", "n_today", "prev", "prev_day", "seen", "today")
 
     def __init__(self, first: int) -> None:
         #: Earliest event time seen (observation start).
@@ -97,6 +97,8 @@ class UnusualTerminalState:
         self.flagged: dict[str, int] = {}
         #: ``today & known``: events from these need no further look; derived, never dumped.
         self.fast: set[str] = set()
+        #: Nothing expires before this watermark (0: look at the next sweep); derived, never dumped.
+        self.due = 0
 
 
 def _any(ev: Event) -> bool:
@@ -108,6 +110,7 @@ class UnusualTerminalDetector(Detector[UnusualTerminalState, UnusualTerminalSett
 
     name = "unusual_terminal"
     actions = None
+    tracks_due = True
     settings_type = UnusualTerminalSettings
 
     __slots__ = ()
@@ -137,6 +140,9 @@ class UnusualTerminalDetector(Detector[UnusualTerminalState, UnusualTerminalSett
             st.n_today += 1
             return
         self._slow(st, ev, user, emit)
+        after: UnusualTerminalState = user.slots[self.index]
+        if after.due < user.wake:
+            user.wake = after.due
 
     def _slow(self, st: UnusualTerminalState | None, ev: Event, user: UserState, emit: Emitter) -> None:
         ts = ev.ts_ms
@@ -192,6 +198,8 @@ class UnusualTerminalDetector(Detector[UnusualTerminalState, UnusualTerminalSett
         st.fast = set()
         st.flagged = {}
         st.known = {t for t, d in st.seen.items() if d >= cut}
+        if st.prev and st.prev_day + DAY_MS < st.due:
+            st.due = st.prev_day + DAY_MS
 
     def _late(self, st: UnusualTerminalState, ev: Event, emit: Emitter) -> None:
         """An event of an earlier day: its terminal is usual for today; it may add to yesterday."""
@@ -205,6 +213,8 @@ class UnusualTerminalDetector(Detector[UnusualTerminalState, UnusualTerminalSett
         self._saw(st, terminal, day)
         if day == st.prev_day and terminal not in st.prev and len(st.prev) < MAX_TERMINALS_PER_DAY:
             st.prev.add(terminal)
+            if day + DAY_MS < st.due:
+                st.due = day + DAY_MS
             if len(st.prev) >= self.settings.terminals_per_day:
                 self._emit_many(st.prev, ev, day, emit)
 
@@ -215,6 +225,9 @@ class UnusualTerminalDetector(Detector[UnusualTerminalState, UnusualTerminalSett
             if len(seen) >= self.settings.max_terminals:
                 del seen[min(seen.items(), key=lambda item: (item[1], item[0]))[0]]
             seen[terminal] = day
+            due = day + DAY_MS + self.settings.recent_ms
+            if due < st.due:
+                st.due = due
         elif day > last:
             seen[terminal] = day
 
@@ -242,6 +255,10 @@ class UnusualTerminalDetector(Detector[UnusualTerminalState, UnusualTerminalSett
             return None
         if state.prev and state.prev_day + DAY_MS <= watermark_ms:
             state.prev = set()
+        due = min(seen.values()) + DAY_MS + self.settings.recent_ms
+        if state.prev:
+            due = min(due, state.prev_day + DAY_MS)
+        state.due = due
         return state
 
     def dump(self, state: UnusualTerminalState) -> Any:

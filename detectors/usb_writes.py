@@ -40,11 +40,13 @@ as sensitive later the same day still raises the writes made from it. An
 earlier first media use on the previous day that arrives after the next day's
 has been raised is raised too (the later finding is not withdrawn).
 
-State per user: when observation started, the first media day, the learned
-terminals with first/last reference times, the open days' counts and writes,
-and the media writes within ``window`` (at most 10 000 per measure; 1024 open
-counts). It is a baseline, kept as long as the engine keeps the user
-(``idle_ttl``).
+State per user: the first media day, the learned terminals with first/last
+reference times, the open days' counts and writes, and the media writes
+within ``window`` (at most 10 000 per measure; 1024 open counts). The first
+media day is a baseline, kept as long as the engine keeps the user
+(``idle_ttl``); when observation started is the engine's
+(:attr:`~detectors.base.UserState.first_ts`). Only personal-data references
+and removable-media operations reach the detector.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from detectors.base import DAY_MS, HOUR_MS, MINUTE_MS, Detector, Emitter, UserState
+from detectors.base import DAY_MS, HOUR_MS, MINUTE_MS, NEVER, Detector, Emitter, UserState
 from detectors.bulk_export import affected_totals, insert
 from detectors.windows import SlidingWindow
 from schemas.event import MEDIA_ACTIONS, Event
@@ -118,11 +120,9 @@ class UsbWritesSettings:
 class UsbWritesState:
     """One user's media baseline, learned terminals and open findings."""
 
-    __slots__ = ("bytes_window", "counts", "first", "media_day", "records_window", "refs", "writes")
+    __slots__ = ("bytes_window", "counts", "due", "media_day", "records_window", "refs", "writes")
 
-    def __init__(self, first: int) -> None:
-        #: Earliest event time seen (observation start).
-        self.first = first
+    def __init__(self) -> None:
         #: Local day start of the first media use; -1 before any.
         self.media_day = -1
         #: Learned terminal -> [first, last] personal-data reference time.
@@ -133,6 +133,8 @@ class UsbWritesState:
         self.counts: dict[str, int] = {}
         self.bytes_window: SlidingWindow | None = None
         self.records_window: SlidingWindow | None = None
+        #: Nothing expires before this watermark (0: look at the next sweep); derived, never dumped.
+        self.due = 0
 
 
 def _is_media(ev: Event) -> bool:
@@ -147,7 +149,9 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
     """Alerts on media writes from sensitive terminals, unapproved media, volume and first use."""
 
     name = "usb_writes"
-    actions = None  # every event: personal-data references teach which terminals are sensitive
+    actions = None  # personal-data references teach which terminals are sensitive; see wants()
+    uses_first_ts = True
+    tracks_due = True
     settings_type = UsbWritesSettings
 
     __slots__ = ("approved", "learn", "sensitive")
@@ -177,6 +181,31 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
         if not 1 <= s.max_terminals <= 1024:
             raise self.error("max_terminals", "must be between 1 and 1024")
 
+    def wants(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> bool:
+        """Removable-media operations, and personal-data references while learning terminals."""
+        return action in _MEDIA or (mynumber_ref and self.learn)
+
+    def handler(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> Callable[[Event, UserState, Emitter], None] | None:
+        """Other personal-data references only teach the terminal: a path of their own."""
+        if action in _MEDIA:
+            return self.process
+        return self._reference if mynumber_ref and self.learn else None
+
+    def _reference(self, ev: Event, user: UserState, emit: Emitter) -> None:
+        """A personal-data reference that is not a media operation: learn its terminal."""
+        st: UsbWritesState | None = user.slots[self.index]
+        if st is not None:
+            rec = st.refs.get(ev.terminal)
+            if rec is not None and ev.ts_ms >= rec[1]:
+                rec[1] = ev.ts_ms
+                return
+        else:
+            st = user.slots[self.index] = UsbWritesState()
+            user.wake = 0
+        self._learn_terminal(st, ev, user, emit)
+        if st.due < user.wake:
+            user.wake = st.due
+
     def day_start(self, ts_ms: int) -> int:
         """Epoch ms of the local midnight starting the day of ``ts_ms``."""
         return ts_ms - (self.calendar.local_minute(ts_ms) * MINUTE_MS + ts_ms % MINUTE_MS)
@@ -186,23 +215,21 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
     def process(self, ev: Event, user: UserState, emit: Emitter) -> None:
         """Learn from personal-data references; judge removable-media operations."""
         st: UsbWritesState | None = user.slots[self.index]
-        ts = ev.ts_ms
         if st is None:
-            st = user.slots[self.index] = UsbWritesState(ts)
-        elif ts < st.first:
-            st.first = ts
+            st = user.slots[self.index] = UsbWritesState()
+            user.wake = 0
         if ev.mynumber_ref and self.learn:
-            try:
-                rec = st.refs[ev.terminal]
-            except KeyError:
-                self._learn_terminal(st, ev, user, emit)
+            rec = st.refs.get(ev.terminal)
+            if rec is not None and ev.ts_ms >= rec[1]:
+                rec[1] = ev.ts_ms
             else:
-                if ts >= rec[1]:
-                    rec[1] = ts
-                else:
-                    self._learn_terminal(st, ev, user, emit)
+                self._learn_terminal(st, ev, user, emit)
+                if st.due < user.wake:
+                    user.wake = st.due
         if ev.action in _MEDIA:
             self._media(st, ev, user, emit)
+            if st.due < user.wake:
+                user.wake = st.due
 
     def _learn_terminal(self, st: UsbWritesState, ev: Event, user: UserState, emit: Emitter) -> None:
         terminal, ts = ev.terminal, ev.ts_ms
@@ -213,6 +240,8 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
                 oldest = min(refs.items(), key=lambda item: (item[1][1], item[0]))[0]
                 del refs[oldest]
             refs[terminal] = [ts, ts]
+            if ts + self.settings.sensitive_memory_ms + 1 < st.due:
+                st.due = ts + self.settings.sensitive_memory_ms + 1
         elif ts < rec[0]:
             rec[0] = ts
         else:
@@ -242,7 +271,7 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
         media_day = st.media_day
         if media_day < 0 or day <= media_day:
             st.media_day = day
-            if st.first <= ts - s.warmup_ms:
+            if user.first_ts <= ts - s.warmup_ms:
                 self._raise(st, "first_media_use", ev, day, "", emit, related=_is_media, details={"warmup_days": s.warmup_ms // DAY_MS})
         if device is not None and self.approved and device not in self.approved:
             self._raise(st, "unapproved_device", ev, day, device, emit, related=_on_device(device))
@@ -254,15 +283,17 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
         elif self.learn:
             st.writes.append([ts, day, terminal, ev.event_id])
             del st.writes[:-MAX_PENDING_WRITES]
+            if day + DAY_MS < st.due:
+                st.due = day + DAY_MS
         if ev.result == "success":
             if ev.bytes:
                 if st.bytes_window is None:
                     st.bytes_window = SlidingWindow()
-                self._volume(st.bytes_window, "bytes", ev.bytes, s.max_bytes, ev, emit)
+                self._volume(st, st.bytes_window, "bytes", ev.bytes, s.max_bytes, ev, emit)
             if ev.records:
                 if st.records_window is None:
                     st.records_window = SlidingWindow()
-                self._volume(st.records_window, "records", ev.records, s.max_records, ev, emit)
+                self._volume(st, st.records_window, "records", ev.records, s.max_records, ev, emit)
 
     def _is_sensitive(self, st: UsbWritesState, terminal: str, ts: int, day: int) -> bool:
         if terminal in self.sensitive:
@@ -277,9 +308,11 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
             return False
         return rec[0] < day + DAY_MS
 
-    def _volume(self, window: SlidingWindow, measure: str, weight: int, limit: int, ev: Event, emit: Emitter) -> None:
+    def _volume(self, st: UsbWritesState, window: SlidingWindow, measure: str, weight: int, limit: int, ev: Event, emit: Emitter) -> None:
         size = self.settings.window_ms
         newest = insert(window, ev.ts_ms, weight)
+        if window.times[0] + size < st.due:
+            st.due = window.times[0] + size
         best: dict[int, int] = {}
         for t, total in affected_totals(window, ev.ts_ms, size, newest):
             if total >= limit:
@@ -315,6 +348,8 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
         count = counts.get(ckey, 0) + 1
         if count > 1 or len(counts) < MAX_OPEN_FINDINGS:
             counts[ckey] = count
+            if day + DAY_MS < st.due:
+                st.due = day + DAY_MS
         emit(self.rule, reason, ev, day, day + DAY_MS, count, key=key, details=details, related=related)
 
     # -- state --------------------------------------------------------------
@@ -322,18 +357,20 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
     def expire(self, state: UsbWritesState, watermark_ms: int) -> UsbWritesState | None:
         """Forget closed days, stale learned terminals and writes outside the window.
 
-        The observation start and first media day are the user's baseline and
-        are kept for as long as the engine keeps the user.
+        The first media day is the user's baseline and is kept for as long as
+        the engine keeps the user; a state with nothing else is dropped.
         """
         if state.counts:
             state.counts = {k: v for k, v in state.counts.items() if int(k.split(":", 1)[0]) + DAY_MS > watermark_ms}
         if state.writes:
             state.writes = [w for w in state.writes if w[1] + DAY_MS > watermark_ms]
+        memory = self.settings.sensitive_memory_ms
         if state.refs:
-            cut = watermark_ms - self.settings.sensitive_memory_ms
+            cut = watermark_ms - memory
             if any(rec[1] < cut for rec in state.refs.values()):
                 state.refs = {t: rec for t, rec in state.refs.items() if rec[1] >= cut}
-        before = watermark_ms - self.settings.window_ms
+        size = self.settings.window_ms
+        before = watermark_ms - size
         if state.bytes_window is not None:
             state.bytes_window.prune(before)
             if not state.bytes_window.times:
@@ -342,12 +379,25 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
             state.records_window.prune(before)
             if not state.records_window.times:
                 state.records_window = None
+        due = NEVER
+        if state.counts:
+            due = min(int(k.split(":", 1)[0]) for k in state.counts) + DAY_MS
+        if state.writes:
+            due = min(due, min(w[1] for w in state.writes) + DAY_MS)
+        if state.refs:
+            due = min(due, min(rec[1] for rec in state.refs.values()) + memory + 1)
+        if state.bytes_window is not None:
+            due = min(due, state.bytes_window.times[0] + size)
+        if state.records_window is not None:
+            due = min(due, state.records_window.times[0] + size)
+        if due == NEVER and state.media_day < 0:
+            return None  # nothing learned: a new state is the same
+        state.due = due
         return state
 
     def dump(self, state: UsbWritesState) -> Any:
-        """``[first, media_day, [[terminal, first, last]], writes, [[key, count]], bytes, records]``."""
+        """``[media_day, [[terminal, first, last]], writes, [[key, count]], bytes, records]``."""
         return [
-            state.first,
             state.media_day,
             sorted([t, rec[0], rec[1]] for t, rec in state.refs.items()),
             [list(w) for w in state.writes],
@@ -357,15 +407,21 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
         ]
 
     def load(self, data: Any) -> UsbWritesState:
-        """Inverse of :meth:`dump`."""
-        state = UsbWritesState(int(data[0]))
-        state.media_day = int(data[1])
-        state.refs = {str(t): [int(f), int(last)] for t, f, last in data[2]}
-        state.writes = [[int(w[0]), int(w[1]), str(w[2]), str(w[3])] for w in data[3]]
-        state.counts = {str(k): int(v) for k, v in data[4]}
-        state.bytes_window = SlidingWindow.load(data[5]) if data[5] is not None else None
-        state.records_window = SlidingWindow.load(data[6]) if data[6] is not None else None
+        """Inverse of :meth:`dump` (also reads the older layout that began with the observation start)."""
+        if len(data) == 7:
+            data = data[1:]
+        state = UsbWritesState()
+        state.media_day = int(data[0])
+        state.refs = {str(t): [int(f), int(last)] for t, f, last in data[1]}
+        state.writes = [[int(w[0]), int(w[1]), str(w[2]), str(w[3])] for w in data[2]]
+        state.counts = {str(k): int(v) for k, v in data[3]}
+        state.bytes_window = SlidingWindow.load(data[4]) if data[4] is not None else None
+        state.records_window = SlidingWindow.load(data[5]) if data[5] is not None else None
         return state
+
+    def legacy_first_ts(self, data: Any) -> int | None:
+        """The observation start of the older layout."""
+        return int(data[0]) if len(data) == 7 else None
 
 
 def _from_terminal(terminal: str) -> Callable[[Event], bool]:

@@ -205,19 +205,27 @@ class TestOrderAndState:
         eng.process_all([*history(20), event(at(), action="export"), event(at(60), action="print_screen", location="telework")])
         det = eng.detectors[0]
         data = orjson.loads(orjson.dumps(det.dump(eng.users["u001"].slots[0])))
-        assert len(data[2]) == 3
+        assert len(data[1]) == 3
         assert det.dump(det.load(data)) == data
 
+    def test_loads_older_layout(self) -> None:
+        """A snapshot written when the detector kept first-seen itself restores it as the user's first_ts."""
+        eng = Engine([rule(NAME)])
+        old = {"v": 1, "last": T0, "dep": "tax", "s": {NAME: [T0 - 20 * DAY, T0, []]}, "a": []}
+        eng.load_user("u001", orjson.dumps(old))
+        assert eng.users["u001"].first_ts == T0 - 20 * DAY
+        assert orjson.loads(eng.dump_user("u001") or b"null")["s"][NAME] == [T0, []]
+
     def test_baseline_persists_compactly(self) -> None:
-        """Closed days are dropped; first-seen and last export stay, an old export is forgotten."""
+        """Closed days are dropped; first-seen (the engine's) and last export stay, an old export is forgotten."""
         eng = Engine([rule(NAME, {"params": {"forget_after": "7d"}})])
         eng.process_all([event(at(days=-20), action="search"), event(at(), action="export"), event(at(60), action="print_screen")])
         eng.sweep(T0 + 3 * DAY)
         doc = orjson.loads(eng.dump_user("u001") or b"null")
-        assert doc["s"][NAME] == [T0 - 20 * DAY, T0, []]
+        assert doc["s"][NAME] == [T0, []] and doc["first"] == T0 - 20 * DAY
         eng.sweep(T0 + 10 * DAY)
         doc = orjson.loads(eng.dump_user("u001") or b"null")
-        assert doc["s"][NAME] == [T0 - 20 * DAY, 0, []]
+        assert NAME not in doc["s"] and doc["first"] == T0 - 20 * DAY
 
 
 class TestConfiguration:

@@ -346,7 +346,7 @@ class TestSnapshot:
         detector = engine.detectors[0]
         data = detector.dump(engine.users["u001"].slots[0])
         assert detector.dump(detector.load(data)) == data
-        assert data[2] and data[3] and data[4] and data[5] is not None and data[6] is not None
+        assert data[1] and data[2] and data[3] and data[4] is not None and data[5] is not None
         other = make_engine([rule("usb_writes", OVERRIDES)])
         other.load_user("u001", engine.dump_user("u001"))
         assert other.dump_user("u001") == engine.dump_user("u001")
