@@ -90,7 +90,7 @@ def parse_duration(value: Any) -> int:
 class UserState:
     """Everything leakwatch keeps about one user: one slot per detector."""
 
-    __slots__ = ("alerts", "department", "first_ts", "last_ts", "recent", "slots", "wake")
+    __slots__ = ("alerts", "department", "first_ts", "last_ts", "recent", "slots", "synced", "wake")
 
     def __init__(self, n_detectors: int, recent_events: int = 16) -> None:
         #: Per-detector state, ``None`` until that detector first needs it.
@@ -106,8 +106,11 @@ class UserState:
         #: Open findings, keyed by (rule id, reason, window start, key); engine-owned.
         self.alerts: dict[tuple[str, str, int, str], Any] = {}
         #: No detector state of this user is due before this watermark (0: at
-        #: the next sweep). A detector that lowers a state's ``due`` lowers this too.
+        #: the next sweep). A detector that creates a state or lowers its
+        #: ``due`` lowers this too.
         self.wake = 0
+        #: Engine-owned: the engine's hourly sweeps this user's states have seen.
+        self.synced = 0
 
 
 class Emitter(Protocol):

@@ -207,6 +207,8 @@ class Engine:
         "_locations",
         "_next_sweep",
         "_recent",
+        "_sweep_wm",
+        "_sweeps",
         "calendar",
         "detectors",
         "dirty",
@@ -255,6 +257,9 @@ class Engine:
         self._expirers = tuple((d.index, d.expire, d.tracks_due) for d in self.detectors if type(d).expire is not Detector.expire)
         self._keep_users = any(d.uses_first_ts for d in self.detectors)
         self._lateness = self.settings.lateness_ms
+        #: Hourly sweeps so far, and the watermark of the latest (see :meth:`sweep`).
+        self._sweeps = 0
+        self._sweep_wm = -NEVER
         self._recent = self.settings.recent_events
         self.users: dict[str, UserState] = {}
         #: Users whose state changed since :meth:`clear_dirty`.
@@ -342,13 +347,17 @@ class Engine:
         if user is None:
             user = self.users[name] = UserState(len(self.detectors), self._recent)
             user.first_ts = user.last_ts = ts
-        elif ts >= user.last_ts:
-            user.last_ts = ts
-        elif ts < user.last_ts - self._lateness:
-            self.late.append(ev)
-            return
-        elif ts < user.first_ts:
-            user.first_ts = ts
+            user.synced = self._sweeps
+        else:
+            if user.synced != self._sweeps:
+                self._catch_up(user)
+            if ts >= user.last_ts:
+                user.last_ts = ts
+            elif ts < user.last_ts - self._lateness:
+                self.late.append(ev)
+                return
+            elif ts < user.first_ts:
+                user.first_ts = ts
         if ev.department is not None:
             user.department = ev.department
         user.recent.append(ev)
@@ -499,8 +508,14 @@ class Engine:
 
         Called by :meth:`process` once per event-time hour; the streaming
         layer may call it with an explicit watermark (e.g. on idle partitions).
-        A user's detector states are only visited when the user had events
-        since the last visit or one of the states is due (``UserState.wake``).
+
+        Expiring detector state is deferred where that cannot be told apart:
+        an hourly sweep closes findings and forgets idle users at once, but
+        leaves a user's detector states as they are until the user is next
+        touched (its next event, :meth:`dump_user`, an explicit sweep), which
+        then expires them by the mark that sweep would have used. The states
+        are touched while hot in the cache instead of all at once, and a user
+        with nothing due (``UserState.wake``) costs nothing at all.
         """
         explicit = watermark_ms is not None
         if watermark_ms is None:
@@ -509,35 +524,25 @@ class Engine:
         idle_before = watermark_ms - self.settings.idle_ttl_ms
         lateness = self.settings.lateness_ms
         keep = self._keep_users
-        expirers = self._expirers
+        deferred = not explicit and keep
+        if deferred:
+            self._sweeps += 1
+            self._sweep_wm = watermark_ms
         gone: list[str] = []
         for name, user in self.users.items():
             last = user.last_ts
-            # Lateness is per user (one shipper may lag behind the others), so
-            # event-driven sweeps close a user's windows by that user's own
-            # watermark; an explicit watermark (time has passed) applies to all.
-            user_mark = watermark_ms if explicit or watermark_ms < last - lateness else last - lateness
             if user.alerts:
+                # Lateness is per user (one shipper may lag behind the others), so
+                # event-driven sweeps close a user's windows by that user's own
+                # watermark; an explicit watermark (time has passed) applies to all.
+                user_mark = watermark_ms if explicit or watermark_ms < last - lateness else last - lateness
                 self._close_findings(name, user, user_mark)
-            if user.wake <= user_mark:
-                # Expire the states due by the user's watermark; note when the next one is.
-                slots = user.slots
-                wake = NEVER
-                for index, expire, tracks_due in expirers:
-                    state = slots[index]
-                    if state is None:
-                        continue
-                    if not tracks_due:
-                        slots[index] = expire(state, user_mark)
-                        wake = 0
-                        continue
-                    if state.due <= user_mark:
-                        state = slots[index] = expire(state, user_mark)
-                        if state is None:
-                            continue
-                    if state.due < wake:
-                        wake = state.due
-                user.wake = wake
+            if not deferred:
+                if user.synced != self._sweeps:
+                    self._catch_up(user)
+                user_mark = watermark_ms if explicit or watermark_ms < last - lateness else last - lateness
+                if user.wake <= user_mark:
+                    self._expire(user, user_mark)
             if last < idle_before or (
                 not keep and not user.alerts and last < watermark_ms and all(s is None for s in user.slots)
             ):
@@ -545,6 +550,35 @@ class Engine:
         for name in gone:
             del self.users[name]
             self.dirty.add(name)
+
+    def _catch_up(self, user: UserState) -> None:
+        """Expire ``user``'s states as the hourly sweeps since it was last touched would have."""
+        user.synced = self._sweeps
+        # The user's last event is older than those sweeps: the latest one's mark covers them all.
+        mark = min(self._sweep_wm, user.last_ts - self._lateness)
+        if user.wake <= mark:
+            self._expire(user, mark)
+
+    def _expire(self, user: UserState, mark: int) -> None:
+        """Expire the detector states due by ``mark``; note when the next one is (``user.wake``)."""
+        slots = user.slots
+        wake = NEVER
+        for index, expire, tracks_due in self._expirers:
+            state = slots[index]
+            if state is None:
+                continue
+            if not tracks_due:
+                state = slots[index] = expire(state, mark)
+                if state is not None:
+                    wake = 0
+                continue
+            if state.due <= mark:
+                state = slots[index] = expire(state, mark)
+                if state is None:
+                    continue
+            if state.due < wake:
+                wake = state.due
+        user.wake = wake
 
     def _close_findings(self, name: str, user: UserState, watermark_ms: int) -> None:
         closed = [k for k, f in user.alerts.items() if f.window_end <= watermark_ms]
@@ -569,6 +603,8 @@ class Engine:
         user = self.users.get(name)
         if user is None:
             return None
+        if user.synced != self._sweeps:
+            self._catch_up(user)
         doc = {
             "v": _SNAPSHOT_VERSION,
             "first": user.first_ts,
@@ -602,6 +638,7 @@ class Engine:
         for key, data_ in doc["a"]:
             if key[0] in self.rules:
                 user.alerts[(key[0], key[1], int(key[2]), key[3])] = _Finding.load(data_, self.rules)
+        user.synced = self._sweeps
         self.users[name] = user
         if user.last_ts > self.max_ts:
             self.max_ts = user.last_ts

@@ -28,18 +28,18 @@ the look-up that crossed the threshold, so ids do not depend on arrival order.
 State per user: the recent look-up times per subject, for at most
 ``max_subjects`` subjects (least recently looked up evicted first), pruned on
 every sweep. Successful look-ups are the most common event of all, so their
-times are kept as a sorted list per subject, appended in place, and a
+times are kept as sorted 64-bit integers in an ``array("q")`` per subject,
+appended in place (compact, and invisible to the garbage collector), and a
 look-up of the same subject as the user's previous one (the common case:
-search, view, view again) needs no dictionary work at all. The lists only
-live while their subject is looked up (an hour or two), so the garbage
-collector sees few of them. The same sliding rule as
-:class:`~detectors.windows.SlidingWindow` applies (a look-up at ``t`` fires
-when ``(t - window, t]`` holds ``threshold`` look-ups). Failures, which are
-rare, use :class:`~detectors.windows.SlidingWindow` itself.
+search, view, view again) needs no dictionary work at all. The same sliding
+rule as :class:`~detectors.windows.SlidingWindow` applies (a look-up at ``t``
+fires when ``(t - window, t]`` holds ``threshold`` look-ups). Failures, which
+are rare, use :class:`~detectors.windows.SlidingWindow` itself.
 """
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,8 +56,10 @@ __all__ = ["RepeatedQueriesDetector", "RepeatedQueriesSettings"]
 #: Look-up times kept per subject at most (a runaway script cannot grow state without bound).
 MAX_TIMES_PER_SUBJECT: Final = 1000
 _MS: Final = timedelta(milliseconds=1)
+#: Copied for each new subject (copying is faster than building an array).
+_ONE: Final = array("q", [0])
 #: ``_Lookups.last_times`` of a state with no last subject.
-_NONE: Final[list[int]] = []
+_NONE: Final = array("q")
 
 
 def _local_offset_ms(tz: tzinfo, ts_ms: int) -> int:
@@ -83,15 +85,17 @@ class RepeatedQueriesSettings:
 class _Lookups:
     """One user's recent look-ups: subject -> sorted times (ok) / sliding window (failed)."""
 
-    __slots__ = ("bad", "due", "last", "last_times", "ok", "ordered")
+    __slots__ = ("bad", "due", "last", "last_time", "last_times", "ok", "ordered")
 
     def __init__(self) -> None:
         #: Subject -> look-up times, least recently looked up first.
-        self.ok: dict[str, list[int]] = {}
-        #: The last subject in ``ok`` (the most recently looked up) and its times,
-        #: or ``None``: a look-up of the same subject again needs no reordering.
+        self.ok: dict[str, array[int]] = {}
+        #: The last subject in ``ok`` (the most recently looked up), its times and
+        #: its newest time, or ``None``: a look-up of the same subject again needs
+        #: no reordering. Derived, never dumped.
         self.last: str | None = None
         self.last_times = _NONE
+        self.last_time = 0
         self.bad: dict[str, SlidingWindow] = {}
         #: ``ok`` is also in order of the subjects' newest look-up times (so the
         #: first subject is the one to expire first); derived, never dumped.
@@ -164,9 +168,10 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
         if subject == state.last:
             # Already the last in ``ok``: its newest time only grows, so the order holds.
             times = state.last_times
+            newest = state.last_time
         else:
             book = state.ok
-            if state.ordered and book and (state.last is None or ts < state.last_times[-1]):
+            if state.ordered and book and (state.last is None or ts < state.last_time):
                 # Out of order: moved last, the subject may not be the newest any more.
                 state.ordered = False
                 state.due = user.wake = 0
@@ -178,13 +183,16 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
                     state.due = ts + self._window_ms  # the first subject is the one to expire first
                     if state.due < user.wake:
                         user.wake = state.due
-                book[subject] = state.last_times = [ts]
-                state.last = subject
+                times = book[subject] = state.last_times = _ONE.__copy__()
+                times[0] = ts
+                state.last, state.last_time = subject, ts
                 return  # threshold >= 2: a first look-up never fires
             times = book[subject] = found  # re-inserted: dict order is least recently used first
-            state.last, state.last_times = subject, times
-        if ts >= times[-1]:
+            newest = times[-1]
+            state.last, state.last_times, state.last_time = subject, times, newest
+        if ts >= newest:
             times.append(ts)
+            state.last_time = ts
             n = len(times)
             if n > MAX_TIMES_PER_SUBJECT:
                 del times[0]
@@ -202,7 +210,7 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
             candidates = sorted(set(times[bisect_left(times, ts) : bisect_left(times, ts + window)]))
         self._fire_lookups(ev, subject, times, candidates, emit)
 
-    def _fire_lookups(self, ev: Event, subject: str, times: list[int], candidates: list[int], emit: Emitter) -> None:
+    def _fire_lookups(self, ev: Event, subject: str, times: array[int], candidates: list[int], emit: Emitter) -> None:
         s = self.settings
         window, threshold = s.window_ms, s.threshold
 
@@ -266,14 +274,14 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
     def dump(self, state: _Lookups) -> Any:
         """``{"ok": [[subject, times]...], "bad": [[subject, window]...]}``, least recent first."""
         return {
-            "ok": [[subject, list(times)] for subject, times in state.ok.items()],
+            "ok": [[subject, times.tolist()] for subject, times in state.ok.items()],
             "bad": [[subject, sliding.dump()] for subject, sliding in state.bad.items()],
         }
 
     def load(self, data: Any) -> _Lookups:
         """Inverse of :meth:`dump`."""
         state = _Lookups()
-        state.ok = {str(subject): [int(t) for t in times] for subject, times in data["ok"]}
+        state.ok = {str(subject): array("q", [int(t) for t in times]) for subject, times in data["ok"]}
         state.bad = {str(subject): SlidingWindow.load(w) for subject, w in data["bad"]}
         state.ordered = False
         return state
@@ -299,8 +307,7 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
                 state.ok = book = {}
                 state.last, state.last_times = None, _NONE
             elif n:
-                for subject in list(islice(book, n)):
-                    del book[subject]
+                state.ok = book = dict(islice(book.items(), n, None))
         failure_window = self.settings.failure_window_ms
         if state.bad:
             before = watermark_ms - failure_window
