@@ -16,7 +16,9 @@ Reasons:
     ``threshold`` failed/denied operations of any kind on personal data within
     a sliding ``window`` (default 3 within 24 h: a single denial is a
     mis-click or a missing role, found and fixed the same day; three in a day
-    is probing). The finding's window is the local-midnight-aligned tumbling
+    is probing, as in the PPC's sample log, where three failed searches in one
+    morning are a finding. The evaluation suggests 4 would halve the noise on
+    ordinary work; an agency can set that in its overrides). The finding's window is the local-midnight-aligned tumbling
     window (for the default 24 h: the local day) holding the attempt that
     crossed the threshold.
 ``login_failures``

@@ -10,17 +10,29 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from detectors.base import DAY_MS as DAY
+from detectors.base import HOUR_MS as HOUR
+from detectors.base import MINUTE_MS as MINUTE
 from detectors.bulk_export import MAX_WINDOW_EVENTS, BulkExportState, insert
-from detectors.rules import RuleError
-from detectors.testing import event, final_alerts, load_samples, make_engine, rule, run_rule
+from detectors.testing import (
+    assert_order_invariant,
+    assert_resumes,
+    assert_state_round_trip,
+    event,
+    final_alerts,
+    lateness_jitter,
+    make_engine,
+    rule,
+    rule_error,
+    run_rule,
+    sample_alerts,
+    summary,
+)
 from detectors.windows import SlidingWindow
 from schemas.alert import Alert
 from schemas.event import Event, format_ts, parse_ts
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "bulk_export"
-MINUTE = 60_000
-HOUR = 60 * MINUTE
-DAY = 24 * HOUR
 #: Five workdays (Mon 2019-03-04 .. Fri 2019-03-08), then Monday 2019-03-11.
 WEEK = ("2019-03-04", "2019-03-05", "2019-03-06", "2019-03-07", "2019-03-08")
 MONDAY = "2019-03-11"
@@ -51,11 +63,6 @@ def export(ts: str, records: int | None, action: str = "export", **kw: Any) -> E
 def by_reason(alerts: Iterable[Alert]) -> dict[str, Alert]:
     """Final alerts keyed by reason (tests use one finding per reason)."""
     return {a.reason: a for a in final_alerts(alerts).values()}
-
-
-def summary(alerts: Iterable[Alert]) -> dict[str, tuple[str, int, str]]:
-    """alert id -> (reason, count, severity) of the final revisions."""
-    return {k: (a.reason, a.count, a.severity) for k, a in final_alerts(alerts).items()}
 
 
 class TestRecordsExported:
@@ -259,16 +266,6 @@ class TestLookupSpike:
         assert state.count == 10 and state.days[parse_ts("2019-03-10T00:00:00+09:00")] == 1
 
 
-#: Arrival delay of an event, in whole minutes up to the lateness (often the extremes, so events swap).
-JITTER = (st.sampled_from((0, 60)) | st.integers(0, 60)).map(lambda m: m * MINUTE)
-
-
-def arrival_order(events: list[Event], jitter: list[int]) -> list[Event]:
-    """Events reordered, none more than the lateness (1 h) behind the newest before it."""
-    keyed = sorted(zip(events, jitter, strict=False), key=lambda p: (p[0].ts_ms + p[1], p[0].event_id))
-    return [e for e, _ in keyed]
-
-
 class TestOrder:
     """Out-of-order arrival within the lateness gives the same final alerts."""
 
@@ -276,16 +273,12 @@ class TestOrder:
     @given(
         n_lookups=st.integers(min_value=180, max_value=320),
         exports=st.lists(st.tuples(st.integers(0, 150), st.integers(1, 3500)), max_size=12),
-        jitter=st.lists(JITTER, min_size=400, max_size=400),
+        jitter=st.lists(lateness_jitter(), min_size=400, max_size=400),
     )
     def test_permutation_within_lateness(self, n_lookups: int, exports: list[tuple[int, int]], jitter: list[int]) -> None:
         """Any arrival order within the lateness yields the same ids, counts and severities."""
         live = lookups(MONDAY, n_lookups) + [export(at(f"{MONDAY}T09:00:00+09:00", m), r) for m, r in exports]
-        live.sort(key=lambda e: e.ts_ms)
-        history = baseline(50)
-        in_order = run_rule("bulk_export", live, history=history)
-        shuffled = run_rule("bulk_export", arrival_order(live, jitter + [0] * len(live)), history=history)
-        assert summary(shuffled) == summary(in_order)
+        assert_order_invariant("bulk_export", live, jitter, history=baseline(50))
 
     def test_late_export_raises_later_sum(self) -> None:
         """A write-out arriving late adds to the sums of the later ones it precedes."""
@@ -293,22 +286,6 @@ class TestOrder:
         assert summary(run_rule("bulk_export", [b, c, a])) == summary(run_rule("bulk_export", [a, b, c]))
         (alert,) = final_alerts(run_rule("bulk_export", [b, c, a])).values()
         assert alert.count == 6000
-
-
-def split_run(events: list[Event], k: int, history: list[Event]) -> tuple[list[Alert], list[Alert]]:
-    """Alerts after event ``k``: continuing, and after dump/load of every user into a new engine."""
-    whole = make_engine([rule("bulk_export")])
-    whole.seed(history)
-    whole.process_all(events[:k])
-    continued = whole.process_all(events[k:]) + whole.flush()
-    first = make_engine([rule("bulk_export")])
-    first.seed(history)
-    first.process_all(events[:k])
-    second = make_engine([rule("bulk_export")])
-    for name in first.users:
-        second.load_user(name, first.dump_user(name))
-    resumed = second.process_all(events[k:]) + second.flush()
-    return continued, resumed
 
 
 class TestSnapshot:
@@ -319,21 +296,14 @@ class TestSnapshot:
         """Restoring a checkpoint mid-day gives the same later alerts."""
         events = lookups(MONDAY, 300) + [export(at(f"{MONDAY}T12:00:00+09:00", m), 1500) for m in range(5)]
         events.sort(key=lambda e: e.ts_ms)
-        continued, resumed = split_run(events, k, baseline(50))
-        assert summary(resumed) == summary(continued)
-        assert [(a.alert_id, a.revision, a.count) for a in resumed] == [(a.alert_id, a.revision, a.count) for a in continued]
+        assert assert_resumes("bulk_export", events, k, history=baseline(50))
 
     def test_dump_load_round_trip(self) -> None:
         """dump(load(dump)) is identical, for a state with days, ring and window."""
         engine = make_engine([rule("bulk_export")])
         engine.process_all(baseline(50) + lookups(MONDAY, 20) + [export(f"{MONDAY}T12:00:00+09:00", 10)])
-        detector = engine.detectors[0]
-        data = detector.dump(engine.users["u001"].slots[0])
-        assert detector.dump(detector.load(data)) == data
+        data = assert_state_round_trip(engine)
         assert data[3] and data[5] is not None
-        other = make_engine([rule("bulk_export")])
-        other.load_user("u001", engine.dump_user("u001"))
-        assert other.dump_user("u001") == engine.dump_user("u001")
 
     def test_expire_drops_empty_state(self) -> None:
         """Once the window has passed and no baseline exists, the state is dropped."""
@@ -382,9 +352,7 @@ class TestSettings:
     )
     def test_invalid(self, params: dict[str, Any], key: str) -> None:
         """Each invalid value is reported against its own key."""
-        with pytest.raises(RuleError) as info:
-            make_engine([rule("bulk_export", {"params": params})])
-        assert info.value.key == key
+        assert rule_error("bulk_export", params).key == key
 
 
 class TestSamples:
@@ -392,10 +360,10 @@ class TestSamples:
 
     def test_positive(self) -> None:
         """The positive samples raise both a bulk write-out and a look-up spike."""
-        alerts = final_alerts(run_rule("bulk_export", load_samples(SAMPLES / "positive.jsonl")))
+        alerts = sample_alerts("bulk_export", SAMPLES / "positive.jsonl")
         assert {a.reason for a in alerts.values()} >= {"records_exported", "lookup_spike"}
         assert all(a.rule_id == "bulk_export" for a in alerts.values())
 
     def test_negative(self) -> None:
         """No negative sample raises anything."""
-        assert run_rule("bulk_export", load_samples(SAMPLES / "negative.jsonl")) == []
+        assert sample_alerts("bulk_export", SAMPLES / "negative.jsonl") == {}

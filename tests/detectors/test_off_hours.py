@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from detectors.rules import RuleError
-from detectors.testing import event, final_alerts, load_samples, run_rule
+from detectors.testing import event, final_alerts, load_samples, run_rule, sample_alerts
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "off_hours"
 
@@ -80,4 +80,4 @@ class TestOffHoursSamples:
 
     def test_negative(self) -> None:
         """No negative sample raises anything."""
-        assert run_rule("off_hours", load_samples(SAMPLES / "negative.jsonl")) == []
+        assert sample_alerts("off_hours", SAMPLES / "negative.jsonl") == {}

@@ -10,16 +10,27 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detectors.rules import RuleError
-from detectors.testing import event, final_alerts, load_samples, make_engine, rule, run_rule
+from detectors.base import DAY_MS as DAY
+from detectors.base import MINUTE_MS as MINUTE
+from detectors.testing import (
+    assert_order_invariant,
+    assert_resumes,
+    assert_state_round_trip,
+    event,
+    final_alerts,
+    lateness_jitter,
+    load_samples,
+    make_engine,
+    rule,
+    rule_error,
+    run_rule,
+    sample_alerts,
+)
 from detectors.unusual_terminal import UnusualTerminalState
 from schemas.alert import Alert
 from schemas.event import Event, format_ts, parse_ts
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "unusual_terminal"
-MINUTE = 60_000
-HOUR = 60 * MINUTE
-DAY = 24 * HOUR
 DESK = "172.16.11.5"
 T0 = "2019-03-11T10:00:00+09:00"
 
@@ -42,11 +53,6 @@ def usual(days: int = 10, per_day: int = 3, terminal: str = DESK, end: str = T0,
 def found(alerts: Iterable[Alert], reason: str) -> list[Alert]:
     """Final alerts of one reason, by window and key order."""
     return sorted((a for a in final_alerts(alerts).values() if a.reason == reason), key=lambda a: (a.window_start, a.terminals))
-
-
-def summary(alerts: Iterable[Alert]) -> dict[str, tuple[str, int, str]]:
-    """alert id -> (reason, count, severity) of the final revisions."""
-    return {k: (a.reason, a.count, a.severity) for k, a in final_alerts(alerts).items()}
 
 
 def ppc_sample() -> list[Event]:
@@ -189,16 +195,6 @@ class TestNewTerminal:
         assert run_rule("unusual_terminal", events, {"allowlist": allowlist}) == []
 
 
-#: Arrival delay of an event, in whole minutes up to the lateness (often the extremes, so events swap).
-JITTER = (st.sampled_from((0, 60)) | st.integers(0, 60)).map(lambda m: m * MINUTE)
-
-
-def arrival_order(events: list[Event], jitter: list[int]) -> list[Event]:
-    """Events reordered, none more than the lateness (1 h) behind the newest before it."""
-    keyed = sorted(zip(events, jitter, strict=False), key=lambda p: (p[0].ts_ms + p[1], p[0].event_id))
-    return [e for e, _ in keyed]
-
-
 TERMINALS = (DESK, "172.16.11.6", "172.16.20.1", "172.16.20.2", "172.16.30.9")
 
 
@@ -217,31 +213,11 @@ class TestOrder:
     @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(
         ops=st.lists(st.tuples(st.integers(0, 90), st.integers(0, 4), st.booleans()), min_size=1, max_size=30),
-        jitter=st.lists(JITTER, min_size=30, max_size=30),
+        jitter=st.lists(lateness_jitter(), min_size=30, max_size=30),
     )
     def test_permutation_within_lateness(self, ops: list[tuple[int, int, bool]], jitter: list[int]) -> None:
         """Any arrival order within the lateness yields the same ids, counts and severities."""
-        live = day_events(ops)
-        history = usual()
-        in_order = run_rule("unusual_terminal", live, history=history)
-        shuffled = run_rule("unusual_terminal", arrival_order(live, jitter), history=history)
-        assert summary(shuffled) == summary(in_order)
-
-
-def split_run(events: list[Event], k: int, history: list[Event]) -> tuple[list[Alert], list[Alert]]:
-    """Alerts after event ``k``: continuing, and after dump/load of every user into a new engine."""
-    whole = make_engine([rule("unusual_terminal")])
-    whole.seed(history)
-    whole.process_all(events[:k])
-    continued = whole.process_all(events[k:]) + whole.flush()
-    first = make_engine([rule("unusual_terminal")])
-    first.seed(history)
-    first.process_all(events[:k])
-    second = make_engine([rule("unusual_terminal")])
-    for name in first.users:
-        second.load_user(name, first.dump_user(name))
-    resumed = second.process_all(events[k:]) + second.flush()
-    return continued, resumed
+        assert_order_invariant("unusual_terminal", day_events(ops), jitter, history=usual())
 
 
 class TestSnapshot:
@@ -252,22 +228,17 @@ class TestSnapshot:
     @pytest.mark.parametrize("k", [0, 1, 3, 5, 7])
     def test_resume_mid_stream(self, k: int) -> None:
         """Restoring a checkpoint mid-day gives the same later alerts."""
-        continued, resumed = split_run(self.EVENTS, k, usual())
-        assert [(a.alert_id, a.revision, a.count) for a in resumed] == [(a.alert_id, a.revision, a.count) for a in continued]
-        assert summary(resumed) == summary(continued)
+        assert_resumes("unusual_terminal", self.EVENTS, k, history=usual())
 
     def test_dump_load_round_trip(self) -> None:
         """dump(load(dump)) is identical, for a state with every part filled."""
         engine = make_engine([rule("unusual_terminal")])
         engine.seed(usual())
         engine.process_all(self.EVENTS[:4])
-        detector = engine.detectors[0]
-        data = detector.dump(engine.users["u001"].slots[0])
-        assert detector.dump(detector.load(data)) == data
+        data = assert_state_round_trip(engine)
         assert data[4] and data[7] and data[8] and data[9]
         other = make_engine([rule("unusual_terminal")])
         other.load_user("u001", engine.dump_user("u001"))
-        assert other.dump_user("u001") == engine.dump_user("u001")
         assert other.users["u001"].slots[0].fast == engine.users["u001"].slots[0].fast
 
 
@@ -309,9 +280,7 @@ class TestSettings:
     )
     def test_invalid(self, params: dict[str, Any], key: str) -> None:
         """Each invalid value is reported against its own key."""
-        with pytest.raises(RuleError) as info:
-            make_engine([rule("unusual_terminal", {"params": params})])
-        assert info.value.key == key
+        assert rule_error("unusual_terminal", params).key == key
 
 
 class TestSamples:
@@ -319,11 +288,11 @@ class TestSamples:
 
     def test_positive(self) -> None:
         """The positive samples raise both reasons, including the PPC sample's five terminals."""
-        alerts = final_alerts(run_rule("unusual_terminal", load_samples(SAMPLES / "positive.jsonl")))
+        alerts = sample_alerts("unusual_terminal", SAMPLES / "positive.jsonl")
         got = {(a.user, a.reason, a.count) for a in alerts.values()}
         assert ("osamu", "many_terminals", 5) in got
         assert ("hanako", "new_terminal", 1) in got
 
     def test_negative(self) -> None:
         """No negative sample raises anything."""
-        assert run_rule("unusual_terminal", load_samples(SAMPLES / "negative.jsonl")) == []
+        assert sample_alerts("unusual_terminal", SAMPLES / "negative.jsonl") == {}

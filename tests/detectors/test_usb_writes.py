@@ -10,16 +10,26 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detectors.rules import RuleError
-from detectors.testing import event, final_alerts, load_samples, make_engine, rule, run_rule
+from detectors.base import DAY_MS as DAY
+from detectors.base import MINUTE_MS as MINUTE
+from detectors.testing import (
+    assert_order_invariant,
+    assert_resumes,
+    assert_state_round_trip,
+    event,
+    final_alerts,
+    lateness_jitter,
+    make_engine,
+    rule,
+    rule_error,
+    run_rule,
+    sample_alerts,
+)
 from detectors.usb_writes import MAX_PENDING_WRITES, Patterns, UsbWritesState
 from schemas.alert import Alert
 from schemas.event import Event, format_ts, parse_ts
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "usb_writes"
-MINUTE = 60_000
-HOUR = 60 * MINUTE
-DAY = 24 * HOUR
 DESK = "172.16.11.5"
 OTHER = "10.9.9.9"
 T0 = "2019-03-04T10:00:00+09:00"
@@ -54,11 +64,6 @@ def reasons(alerts: Iterable[Alert]) -> dict[str, Alert]:
         for d in a.devices:
             out.setdefault(f"{a.reason}/{d}", a)
     return out
-
-
-def summary(alerts: Iterable[Alert]) -> dict[str, tuple[str, int, str]]:
-    """alert id -> (reason, count, severity) of the final revisions."""
-    return {k: (a.reason, a.count, a.severity) for k, a in final_alerts(alerts).items()}
 
 
 class TestSensitiveTerminal:
@@ -260,16 +265,6 @@ class TestFirstMediaUse:
         assert "first_media_use" in reasons(run_rule("usb_writes", events, {"params": {"warmup": "2d"}}))
 
 
-#: Arrival delay of an event, in whole minutes up to the lateness (often the extremes, so events swap).
-JITTER = (st.sampled_from((0, 60)) | st.integers(0, 60)).map(lambda m: m * MINUTE)
-
-
-def arrival_order(events: list[Event], jitter: list[int]) -> list[Event]:
-    """Events reordered, none more than the lateness (1 h) behind the newest before it."""
-    keyed = sorted(zip(events, jitter, strict=False), key=lambda p: (p[0].ts_ms + p[1], p[0].event_id))
-    return [e for e, _ in keyed]
-
-
 def day_events(ops: list[tuple[int, int, int, int]]) -> list[Event]:
     """(minute, kind, terminal, size) tuples to a day of references and media operations."""
     terminals = ("172.16.11.5", "172.16.11.6", "172.16.20.1")
@@ -299,31 +294,11 @@ class TestOrder:
             min_size=1,
             max_size=30,
         ),
-        jitter=st.lists(JITTER, min_size=30, max_size=30),
+        jitter=st.lists(lateness_jitter(), min_size=30, max_size=30),
     )
     def test_permutation_within_lateness(self, ops: list[tuple[int, int, int, int]], jitter: list[int]) -> None:
         """Any arrival order within the lateness yields the same ids, counts and severities."""
-        live = day_events(ops)
-        history = observed(20)
-        in_order = run_rule("usb_writes", live, OVERRIDES, history=history)
-        shuffled = run_rule("usb_writes", arrival_order(live, jitter), OVERRIDES, history=history)
-        assert summary(shuffled) == summary(in_order)
-
-
-def split_run(events: list[Event], k: int, history: list[Event]) -> tuple[list[Alert], list[Alert]]:
-    """Alerts after event ``k``: continuing, and after dump/load of every user into a new engine."""
-    whole = make_engine([rule("usb_writes", OVERRIDES)])
-    whole.seed(history)
-    whole.process_all(events[:k])
-    continued = whole.process_all(events[k:]) + whole.flush()
-    first = make_engine([rule("usb_writes", OVERRIDES)])
-    first.seed(history)
-    first.process_all(events[:k])
-    second = make_engine([rule("usb_writes", OVERRIDES)])
-    for name in first.users:
-        second.load_user(name, first.dump_user(name))
-    resumed = second.process_all(events[k:]) + second.flush()
-    return continued, resumed
+        assert_order_invariant("usb_writes", day_events(ops), jitter, OVERRIDES, history=observed(20))
 
 
 class TestSnapshot:
@@ -334,22 +309,15 @@ class TestSnapshot:
     @pytest.mark.parametrize("k", [0, 1, 2, 4, 6])
     def test_resume_mid_stream(self, k: int) -> None:
         """Restoring a checkpoint mid-day gives the same later alerts."""
-        continued, resumed = split_run(self.EVENTS, k, observed(20))
-        assert [(a.alert_id, a.revision, a.count) for a in resumed] == [(a.alert_id, a.revision, a.count) for a in continued]
-        assert summary(resumed) == summary(continued)
+        assert_resumes("usb_writes", self.EVENTS, k, OVERRIDES, history=observed(20))
 
     def test_dump_load_round_trip(self) -> None:
         """dump(load(dump)) is identical, for a state with every part filled."""
         engine = make_engine([rule("usb_writes", OVERRIDES)])
         engine.seed(observed(20))
         engine.process_all(self.EVENTS[:3])
-        detector = engine.detectors[0]
-        data = detector.dump(engine.users["u001"].slots[0])
-        assert detector.dump(detector.load(data)) == data
+        data = assert_state_round_trip(engine)
         assert data[1] and data[2] and data[3] and data[4] is not None and data[5] is not None
-        other = make_engine([rule("usb_writes", OVERRIDES)])
-        other.load_user("u001", engine.dump_user("u001"))
-        assert other.dump_user("u001") == engine.dump_user("u001")
 
 
 class TestState:
@@ -418,9 +386,7 @@ class TestSettings:
     )
     def test_invalid(self, params: dict[str, Any], key: str) -> None:
         """Each invalid value is reported against its own key."""
-        with pytest.raises(RuleError) as info:
-            make_engine([rule("usb_writes", {"params": params})])
-        assert info.value.key == key
+        assert rule_error("usb_writes", params).key == key
 
 
 class TestSamples:
@@ -428,14 +394,14 @@ class TestSamples:
 
     def test_positive(self) -> None:
         """The positive samples raise every reason of the rule."""
-        alerts = final_alerts(run_rule("usb_writes", load_samples(SAMPLES / "positive.jsonl"), {"params": {"approved_devices": ["USB-REG-*"]}}))
+        alerts = sample_alerts("usb_writes", SAMPLES / "positive.jsonl", {"params": {"approved_devices": ["USB-REG-*"]}})
         assert {a.reason for a in alerts.values()} == {"write_from_sensitive_terminal", "unapproved_device", "volume", "first_media_use"}
 
     def test_positive_with_defaults(self) -> None:
         """With the bundled defaults the positive samples still raise alerts."""
-        assert run_rule("usb_writes", load_samples(SAMPLES / "positive.jsonl"))
+        assert sample_alerts("usb_writes", SAMPLES / "positive.jsonl")
 
     def test_negative(self) -> None:
         """No negative sample raises anything."""
-        assert run_rule("usb_writes", load_samples(SAMPLES / "negative.jsonl"), {"params": {"approved_devices": ["USB-REG-*"]}}) == []
-        assert run_rule("usb_writes", load_samples(SAMPLES / "negative.jsonl")) == []
+        assert sample_alerts("usb_writes", SAMPLES / "negative.jsonl", {"params": {"approved_devices": ["USB-REG-*"]}}) == {}
+        assert sample_alerts("usb_writes", SAMPLES / "negative.jsonl") == {}
