@@ -224,13 +224,15 @@ class EventCodec:
     event in a batch does not sink the others.
     """
 
-    __slots__ = ("_ts_cache", "pseudonymizer", "tz")
+    __slots__ = ("_minutes", "_ts_cache", "pseudonymizer", "tz")
 
     def __init__(self, pseudonymizer: Pseudonymizer, tz: tzinfo = DEFAULT_TZ) -> None:
         self.pseudonymizer = pseudonymizer
         self.tz = tz
         #: Timestamp string -> epoch ms; events of one second share the string.
         self._ts_cache: dict[str, int] = {}
+        #: ``"YYYY-MM-DDThh:mm:" + offset`` -> epoch ms of that minute (see :meth:`_parse_ts`).
+        self._minutes: dict[str, int] = {}
 
     def from_dict(self, obj: Any, scrub: bool = True) -> Event:
         """Validate one decoded JSON object into an :class:`Event`.
@@ -300,10 +302,36 @@ class EventCodec:
         return ev
 
     def _parse_ts(self, ts: Any) -> int:
-        """Parse (and remember) one timestamp string; log lines share seconds."""
+        """Parse (and remember) one timestamp string.
+
+        Log lines share seconds (exact strings are cached) and, far more
+        often, minutes: a string of the form ``YYYY-MM-DDThh:mm:ss[.fff...]``
+        plus a ``+hh:mm``/``-hh:mm`` offset whose minute and offset were seen
+        before only needs its seconds read. Anything else goes through
+        :func:`parse_ts` (and teaches the minute cache).
+        """
         if type(ts) is not str:
             raise EventError("ts", "required field is missing" if ts is None else "must be a string")
-        ts_ms = parse_ts(ts)
+        n = len(ts)
+        if n >= 25 and ts[n - 6] in "+-":
+            key = ts[:17] + ts[n - 6 :]
+            sec = ts[17:19]
+            frac = ts[19 : n - 6]
+            if sec.isdigit() and sec.isascii() and sec < "60" and (not frac or (frac[0] == "." and len(frac) > 1 and frac[1:].isdigit() and frac.isascii())):
+                offset_ms = int(sec) * 1000 + (int(frac[1:4].ljust(3, "0")) if frac else 0)
+                base = self._minutes.get(key)
+                if base is not None:
+                    ts_ms = base + offset_ms
+                else:
+                    ts_ms = parse_ts(ts)
+                    minutes = self._minutes
+                    if len(minutes) >= _TS_CACHE_SIZE:
+                        minutes.clear()
+                    minutes[key] = ts_ms - offset_ms
+            else:
+                ts_ms = parse_ts(ts)
+        else:
+            ts_ms = parse_ts(ts)
         cache = self._ts_cache
         if len(cache) >= _TS_CACHE_SIZE:
             cache.clear()
