@@ -79,6 +79,10 @@ class Settings:
     lateness: str = field(default="1h", metadata=_meta("allowed lateness of out-of-order events"))
     checkpoint_interval: float = field(default=1.0, metadata=_meta("seconds between checkpoints and offset commits"))
     max_batch: int = field(default=20000, metadata=_meta("most messages taken from Kafka in one batch"))
+    detection_process: str = field(
+        default="auto",
+        metadata=_meta("decode, validate and detect in a child process pipelined with the Kafka client: true, false, or auto (true with 2+ CPUs)"),
+    )
     session_timeout: float = field(default=10.0, metadata=_meta("seconds without a heartbeat before a worker's partitions go to another"))
     web_host: str = field(default="127.0.0.1", metadata=_meta("address of the web server (metrics, health, console)"))
     web_port: int = field(default=6066, metadata=_meta("port of the web server"))
@@ -110,6 +114,15 @@ class Settings:
             raise ConfigError("session_timeout", "must be between 1 and 300 seconds")
         if not 0 < self.web_port < 65536:
             raise ConfigError("web_port", "must be a TCP port")
+        if self.detection_process not in ("auto", "true", "false"):
+            raise ConfigError("detection_process", "must be true, false or auto")
+
+    def use_detection_process(self) -> bool:
+        """Whether the worker runs its detectors in a child process (``detection_process``)."""
+        if self.detection_process == "auto":
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            return cpus >= 2
+        return self.detection_process == "true"
 
     @property
     def input_topics(self) -> tuple[str, str]:
