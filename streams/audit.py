@@ -3,12 +3,15 @@
 Every escalation mail accepted by the SMTP server, every permanent mail
 failure, every timed escalation step and every acknowledgment is one
 :class:`AuditRecord` on the audit topic, so an auditor (監査責任者) can verify
-that alerts reached people and were handled. ``leakwatch audit`` reads the
+that alerts reached people and were handled. The console adds closures,
+reopenings and its sign-ins (successful and failed; a failed one names the
+user name that was tried, never a password). ``leakwatch audit`` reads the
 topic back::
 
     leakwatch audit                       # everything
     leakwatch audit --alert lw-0123...    # one alert (also digests containing it)
     leakwatch audit --since 24h --json    # last day, one JSON object a line
+    leakwatch audit --action console.signin_failed --actor sato
 
 Records never carry a personal number: alerts are referred to by id, people
 by the names they gave (ack) or their mail addresses (recipients).
@@ -54,11 +57,25 @@ ACTIONS: Final = {
     "mail.failed": ("メール送信不能", "mail refused permanently"),
     "ack": ("受領確認", "acknowledged"),
     "alert.closed": ("クローズ", "closed"),
+    "alert.reopened": ("再オープン", "reopened"),
+    "console.signin": ("コンソールにサインイン", "signed in to the console"),
+    "console.signin_failed": ("コンソールのサインイン失敗", "console sign-in failed"),
 }
 #: Resolutions of ``alert.closed`` (written by the console).
 _RESOLUTIONS: Final = {
     "false_positive": ("（誤検知）", " as false positive"),
     "confirmed": ("（漏えい等事案と確定）", " as confirmed incident"),
+}
+#: Previous resolution of ``alert.reopened``.
+_REOPENED_FROM: Final = {
+    "false_positive": ("（誤検知としたクローズを取消）", " (was closed as false positive)"),
+    "confirmed": ("（事案確定としたクローズを取消）", " (was closed as confirmed incident)"),
+}
+#: Why a console sign-in failed (``console.signin_failed``).
+_SIGNIN_FAILURES: Final = {
+    "unknown_user": ("未登録のユーザー名", "unknown user name"),
+    "wrong_password": ("パスワード誤り", "wrong password"),
+    "locked": ("ロック中", "account locked"),
 }
 _ACTION_NAME: Final = re.compile(r"^[a-z][a-z0-9_]*(?:\.[a-z0-9_]+)*$")
 #: via -> (Japanese, English) wording of "how".
@@ -261,6 +278,10 @@ def describe(record: AuditRecord, language: str = "ja") -> str:
     what = ACTIONS[record.action][i] if record.action in ACTIONS else record.action
     if record.action == "alert.closed" and d.get("resolution") in _RESOLUTIONS:
         what += _RESOLUTIONS[d["resolution"]][i]
+    if record.action == "alert.reopened" and d.get("previous_resolution") in _REOPENED_FROM:
+        what += _REOPENED_FROM[d["previous_resolution"]][i]
+    if record.action == "console.signin_failed" and d.get("reason") in _SIGNIN_FAILURES:
+        what += f"（{_SIGNIN_FAILURES[d['reason']][0]}）" if i == 0 else f" ({_SIGNIN_FAILURES[d['reason']][1]})"
     kind = d.get("kind")
     if kind in _KINDS and record.action in ("mail.sent", "mail.failed"):
         what += f"（{_KINDS[kind][i]}）" if i == 0 else f" ({_KINDS[kind][i]})"
@@ -281,6 +302,8 @@ def describe(record: AuditRecord, language: str = "ja") -> str:
         parts.append(f"[{d.get('code', '')}] {d.get('reason', '')}".strip())
     if d.get("comment"):
         parts.append(f"「{d['comment']}」" if i == 0 else f'"{d["comment"]}"')
+    if record.action.startswith("console.signin") and d.get("remote"):
+        parts.append(f"{d['remote']} から" if i == 0 else f"from {d['remote']}")
     return " ".join(str(p) for p in parts if p)
 
 
@@ -323,6 +346,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alert", metavar="ALERT_ID", help="only records about this alert (digests included)")
     parser.add_argument("--since", metavar="WHEN", help="only records since: 24h, 7d, or 2024-05-01[T09:00]")
     parser.add_argument("--action", metavar="ACTION", help=f"only this kind of record ({', '.join(ACTIONS)})")
+    parser.add_argument("--actor", metavar="NAME", help="only records of this person (who acted, or the user name a sign-in tried)")
     parser.add_argument("--json", action="store_true", help="one JSON object a line instead of a table")
     parser.add_argument("--language", choices=("ja", "en"), default="ja", help="language of the table")
     parser.add_argument("--config", metavar="FILE", help="worker config file (default: $LEAKWATCH_CONFIG)")
@@ -354,6 +378,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         records = [r for r in records if args.alert in r.alert_ids]
     if args.action:
         records = [r for r in records if r.action == args.action]
+    if args.actor:
+        records = [r for r in records if r.actor == args.actor]
     if args.json:
         for r in records:
             out.write(orjson.dumps(r.to_dict() | {"what": describe(r, args.language)}).decode() + "\n")

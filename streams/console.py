@@ -26,7 +26,17 @@ console sees them:
   ``alert.closed`` record on the audit topic (the trail). Closing an alert
   nobody acknowledged also acknowledges it, so its escalation stops too.
   Closing as a confirmed incident starts the PPC report clock (see
-  :func:`ppc_deadlines`).
+  :func:`ppc_deadlines`);
+* reopen a closed alert (a reason is required): an ``open`` record on
+  ``alert-states`` and an ``alert.reopened`` record on the audit topic. The
+  alert is back among the open ones (still acknowledged: its timed
+  escalation does not start again). Closing it again as a confirmed incident
+  keeps the PPC clock of the first confirmation.
+
+State records carry a ``version`` (1 for the first closure, +1 for each
+reopening or closure after it); a record whose version is not newer than
+the one known is a replay, or the loser of two operators acting at once on
+different workers, and is ignored.
 
 Access
 ------
@@ -37,7 +47,10 @@ that authenticates, via the ``X-Forwarded-User`` header when
 ``trust_proxy_header`` is on. Sessions are HMAC-signed cookies (HttpOnly,
 SameSite=Strict; Secure when the public URL is https). Every POST needs the
 session's CSRF token (``X-CSRF-Token`` header or ``csrf`` form field) and a
-same-origin ``Origin`` when the browser sends one. Every response carries a
+same-origin ``Origin`` when the browser sends one. Sign-ins are audited
+(``console.signin``; ``console.signin_failed`` with the user name tried and
+why, never the password), queued in memory and written to the audit topic in
+the background until Kafka has them. Every response carries a
 strict CSP (no inline script), ``X-Frame-Options: DENY``, ``nosniff`` and
 ``Referrer-Policy: same-origin`` (``no-referrer`` would make Chromium send
 ``Origin: null`` on our own form posts). Whatever is rendered passes
@@ -59,7 +72,7 @@ import secrets
 import sys
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
 from functools import cached_property
@@ -72,11 +85,16 @@ import orjson
 import yaml
 
 from schemas.alert import SEVERITIES, SEVERITY_RANK
+from streams.audit import AuditRecord, write_audit
 from streams.config import ConfigError, Settings, load_settings
 from streams.logging import get_logger
+from streams.service_kit import create_missing_topics, load_rule_map, start_with_app, stop_clients
 
 __all__ = [
     "ACTION_CLOSED",
+    "ACTION_REOPENED",
+    "ACTION_SIGNIN",
+    "ACTION_SIGNIN_FAILED",
     "RESOLUTIONS",
     "STATES",
     "ConsoleService",
@@ -105,6 +123,13 @@ STATES: Final = ("new", "escalated", "acknowledged", "closed")
 RESOLUTIONS: Final = ("false_positive", "confirmed")
 #: Audit action of a closure (wording in :data:`_CLOSE_WORDS`).
 ACTION_CLOSED: Final = "alert.closed"
+#: Audit action of reopening a closed alert.
+ACTION_REOPENED: Final = "alert.reopened"
+#: Audit actions of console sign-ins.
+ACTION_SIGNIN: Final = "console.signin"
+ACTION_SIGNIN_FAILED: Final = "console.signin_failed"
+#: Sign-in audit records waiting for Kafka at most (the oldest are dropped beyond).
+_AUDIT_QUEUE_MAX: Final = 10_000
 STATE_SCHEMA_VERSION: Final = 1
 
 _ALERT_ID: Final = re.compile(r"^lw-(?:[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{8}|[0-9a-f]{24})$")
@@ -165,7 +190,7 @@ class ConsoleSettings:
     )
     session_ttl: str = field(default="12h", metadata=_meta("how long a sign-in lasts"))
     cookie_secure: str = field(default="auto", metadata=_meta("Secure cookies: true, false or auto (https public URL)"))
-    topic_states: str = field(default="alert-states", metadata=_meta("compacted: closures made in the console"))
+    topic_states: str = field(default="alert-states", metadata=_meta("compacted: closures and reopenings made in the console"))
     max_alerts: int = field(default=100_000, metadata=_meta("alerts kept in memory (oldest forgotten first)"))
     list_limit: int = field(default=500, metadata=_meta("most alerts one list request returns"))
     overview_days: int = field(default=14, metadata=_meta("days shown in the overview charts"))
@@ -474,7 +499,14 @@ class ConsoleStore:
         self.max_alerts = max_alerts
         self.alerts: dict[str, _Entry] = {}
         self.acks: dict[str, dict[str, Any]] = {}
+        #: The closure of each alert that is closed now.
         self.closures: dict[str, dict[str, Any]] = {}
+        #: The last reopening of each alert that is open again.
+        self.reopened: dict[str, dict[str, Any]] = {}
+        #: Newest state version per alert (closures and reopenings).
+        self.state_versions: dict[str, int] = {}
+        #: When each alert was first closed as a confirmed incident (the PPC clock's start).
+        self.confirmed_at: dict[str, str] = {}
         self.history: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._audit_seen: set[str] = set()
         self._seq = 0
@@ -522,26 +554,57 @@ class ConsoleStore:
         return [aid]
 
     def apply_state(self, doc: Mapping[str, Any]) -> list[str]:
-        """A closure from ``alert-states``: the first closure per alert counts."""
+        """A closure or reopening from ``alert-states``: only a newer ``version`` changes anything.
+
+        Records without a version (written before reopening existed) count as
+        version 1, so of two such closures the first counts.
+        """
         aid = doc.get("alert_id")
-        if not isinstance(aid, str) or doc.get("state") != "closed" or doc.get("resolution") not in RESOLUTIONS:
+        state = doc.get("state")
+        if not isinstance(aid, str) or state not in ("closed", "open"):
             return []
-        if aid in self.closures:
+        if state == "closed" and doc.get("resolution") not in RESOLUTIONS:
             return []
-        self.closures[aid] = dict(doc)
+        try:
+            version = int(doc.get("version", 1))
+        except (TypeError, ValueError):
+            return []
+        if version <= self.state_versions.get(aid, 0):
+            return []
+        self.state_versions[aid] = version
+        if state == "closed":
+            self.closures[aid] = dict(doc)
+            self.reopened.pop(aid, None)
+            if doc.get("resolution") == "confirmed":
+                self._confirmed(aid, (doc.get("ppc") or {}).get("known_at") or doc.get("at"))
+        else:
+            self.closures.pop(aid, None)
+            self.reopened[aid] = dict(doc)
         self.version += 1
         return [aid]
+
+    def _confirmed(self, aid: str, at: Any) -> None:
+        """Remember the earliest confirmation of an alert as a leak (from state or audit records)."""
+        if not at or not _parse_ts(at):
+            return
+        known = self.confirmed_at.get(aid)
+        if known is None or _parse_ts(at) < _parse_ts(known):
+            self.confirmed_at[aid] = str(at)
 
     def apply_audit(self, doc: Mapping[str, Any]) -> list[str]:
         """An audit record: attached to every alert it names (deduplicated by record id)."""
         ids = doc.get("alert_ids")
-        if not isinstance(ids, list) or not doc.get("action") or not doc.get("at"):
-            return []
+        if not isinstance(ids, list) or not ids or not doc.get("action") or not doc.get("at"):
+            return []  # records about no alert (sign-ins) are not part of any alert's trail
         key = _audit_key(doc)
         if key in self._audit_seen:
             return []
         self._audit_seen.add(key)
         alert_ids = [str(a) for a in ids]
+        detail = doc.get("detail") or {}
+        if doc["action"] == ACTION_CLOSED and isinstance(detail, dict) and detail.get("resolution") == "confirmed":
+            for aid in alert_ids:
+                self._confirmed(aid, (detail.get("ppc") or {}).get("known_at") or doc["at"])
         record: dict[str, Any] = {
             "action": str(doc["action"]),
             "at": str(doc["at"]),
@@ -737,7 +800,8 @@ def describe_record(record: Mapping[str, Any]) -> tuple[str, str]:
             at=str(record.get("at")),
             actor=str(record.get("actor", "")),
             via=str(record.get("via", "")),
-            alert_ids=tuple(record.get("alert_ids") or ()),
+            # The trail is the alert's own: a reopening need not name it again.
+            alert_ids=() if action == ACTION_REOPENED else tuple(record.get("alert_ids") or ()),
             detail=dict(detail),
         )
         return describe(rec, "ja"), describe(rec, "en")
@@ -833,7 +897,9 @@ class ConsoleService:
         self.clock = clock
         self.tz = ZoneInfo(settings.tz)
         self.store = ConsoleStore(console.max_alerts)
-        self.rules: dict[str, Any] = dict(rules) if rules is not None else _load_rules(settings)
+        self.rules: dict[str, Any] = (
+            dict(rules) if rules is not None else load_rule_map(settings, _log, "the console lacks rule descriptions")
+        )
         secret = console.session_secret.encode() if console.session_secret else secrets.token_bytes(32)
         if not console.session_secret:
             _log.warning("console.session_secret not set: sign-ins do not survive a restart or reach other workers")
@@ -850,6 +916,9 @@ class ConsoleService:
         self._tps: list[Any] = []
         self._end: dict[Any, int] = {}
         self._lock = asyncio.Lock()
+        #: Sign-in audit records not yet on the audit topic (written by the background writer).
+        self.audit_queue: deque[AuditRecord] = deque()
+        self._audit_wake = asyncio.Event()
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -881,10 +950,11 @@ class ConsoleService:
         self.started = True
         self._tasks.append(asyncio.create_task(self._read_loop(), name="console-reader"))
         self._tasks.append(asyncio.create_task(self._health_loop(), name="console-health"))
+        self._tasks.append(asyncio.create_task(self._audit_loop(), name="console-audit"))
         _log.info("console started", topics=list(self.topics))
 
-    async def stop(self) -> None:
-        """End live streams, stop reading, close the clients."""
+    async def stop(self, timeout: float = 5.0) -> None:
+        """End live streams, write the queued audit records (for up to ``timeout``), stop reading, close the clients."""
         self.started = False
         self.close_streams()
         for task in self._tasks:
@@ -893,36 +963,20 @@ class ConsoleService:
             with contextlib.suppress(BaseException):
                 await task
         self._tasks.clear()
-        for client in (self._consumer, self._producer):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.stop()
+        if self._producer is not None and self.audit_queue:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._write_queued_audit(), timeout)
+        if self.audit_queue:
+            _log.error("console audit records not written", records=len(self.audit_queue))
+        await stop_clients(self._consumer, self._producer)
         if self._admin is not None:
             with contextlib.suppress(Exception):
                 await self._admin.close()
         _log.info("console stopped")
 
     async def _create_states_topic(self, args: dict[str, Any]) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-        admin = AIOKafkaAdminClient(**args)
-        await admin.start()
-        try:
-            if self.console.topic_states in set(await admin.list_topics()):
-                return
-            topic = NewTopic(
-                name=self.console.topic_states,
-                num_partitions=1,
-                replication_factor=self.settings.replication_factor,
-                topic_configs={"cleanup.policy": "compact"},
-            )
-            try:
-                await admin.create_topics([topic])
-            except Exception as exc:  # another worker was first
-                if "exist" not in repr(exc).lower():
-                    raise
-        finally:
-            await admin.close()
+        specs = {self.console.topic_states: (1, {"cleanup.policy": "compact"})}
+        await create_missing_topics(args, specs, self.settings.replication_factor)
 
     async def _assign(self) -> bool:
         """Assign every partition of the topics that exist now (new ones from the beginning)."""
@@ -1009,6 +1063,62 @@ class ConsoleService:
             return self.store.apply_state(doc)
         return []
 
+    # -- audit of sign-ins ------------------------------------------------------------------
+
+    def note_signin(self, user: str, *, ok: bool, reason: str = "", remote: str = "", method: str = "password") -> AuditRecord:
+        """Queue the audit record of a sign-in (``reason``: why it failed); written in the background.
+
+        A failed sign-in names the user name that was tried (cleaned: no control
+        characters, at most 100 characters, personal-number-like digits masked),
+        never the password.
+        """
+        name = scrub("".join(ch for ch in user.strip() if ch.isprintable())[:100]) or "-"
+        detail: dict[str, Any] = {"method": method}
+        if reason:
+            detail["reason"] = reason
+        if remote:
+            detail["remote"] = scrub(remote[:100])
+        record = AuditRecord(
+            action=ACTION_SIGNIN if ok else ACTION_SIGNIN_FAILED,
+            at=self._now_iso(),
+            actor=name,
+            via="console",
+            detail=detail,
+            record_id=f"{'signin' if ok else 'signin_failed'}:{secrets.token_hex(8)}",
+        )
+        if len(self.audit_queue) >= _AUDIT_QUEUE_MAX:
+            dropped = self.audit_queue.popleft()
+            _log.error("console audit queue full; oldest record dropped", action=dropped.action, at=dropped.at)
+        self.audit_queue.append(record)
+        self._audit_wake.set()
+        return record
+
+    async def _write_queued_audit(self) -> None:
+        """Write what is queued now; records leave the queue only once the broker has them."""
+        batch = list(self.audit_queue)
+        if not batch:
+            return
+        await write_audit(self._producer, self.settings.topic_audit, batch)
+        written = {id(r) for r in batch}
+        while self.audit_queue and id(self.audit_queue[0]) in written:
+            self.audit_queue.popleft()
+
+    async def _audit_loop(self) -> None:
+        delay = 0.5
+        while True:
+            await self._audit_wake.wait()
+            self._audit_wake.clear()
+            try:
+                await self._write_queued_audit()
+                delay = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _log.warning("cannot write console audit records; retrying", error=repr(exc), queued=len(self.audit_queue))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                self._audit_wake.set()
+
     async def _health_loop(self) -> None:
         while True:
             with contextlib.suppress(Exception):
@@ -1079,18 +1189,24 @@ class ConsoleService:
         except ValueError as exc:
             raise ActionError(400, _ja_input_error(str(exc)), str(exc)) from None
 
-    async def close(
-        self, alert_id: str, operator: str, resolution: str, comment: str, unauthorised_purpose: bool = False
-    ) -> dict[str, Any]:
-        """Close as false positive or confirmed incident; acknowledges first if nobody did."""
-        from streams.ack import AckRecord, check_text, publish_ack
+    def _comment(self, comment: str) -> None:
+        """A required reason: at most 1000 characters, no control characters, no personal number."""
+        from streams.ack import check_text
 
-        if resolution not in RESOLUTIONS:
-            raise ActionError(400, "クローズの種別が不正です。", "resolution must be false_positive or confirmed")
         try:
             check_text("comment", comment, 1000, required=True)
         except ValueError as exc:
             raise ActionError(400, _ja_input_error(str(exc)), str(exc)) from None
+
+    async def close(
+        self, alert_id: str, operator: str, resolution: str, comment: str, unauthorised_purpose: bool = False
+    ) -> dict[str, Any]:
+        """Close as false positive or confirmed incident; acknowledges first if nobody did."""
+        from streams.ack import AckRecord, publish_ack
+
+        if resolution not in RESOLUTIONS:
+            raise ActionError(400, "クローズの種別が不正です。", "resolution must be false_positive or confirmed")
+        self._comment(comment)
         async with self._lock:
             self._require_alert(alert_id)
             existing = self.store.closures.get(alert_id)
@@ -1102,48 +1218,78 @@ class ConsoleService:
                 await publish_ack(self._producer, self.settings.topic_acks, self.settings.topic_audit, ack)
                 changed += self._applied_ack(ack)
             at = self._now_iso()
-            doc: dict[str, Any] = {
-                "schema_version": STATE_SCHEMA_VERSION,
-                "alert_id": alert_id,
-                "state": "closed",
-                "resolution": resolution,
-                "by": operator,
-                "at": at,
-                "via": "console",
-                "comment": comment,
-                "unauthorised_purpose": bool(unauthorised_purpose and resolution == "confirmed"),
-            }
+            doc = self._state_doc(alert_id, "closed", operator, at, comment)
+            doc["resolution"] = resolution
+            doc["unauthorised_purpose"] = bool(unauthorised_purpose and resolution == "confirmed")
             if resolution == "confirmed":
-                doc["ppc"] = ppc_deadlines(datetime.fromisoformat(at), self.console, doc["unauthorised_purpose"])
-            audit = {
-                "schema_version": 1,
-                "record_id": f"close:{alert_id}:{at}",
-                "action": ACTION_CLOSED,
-                "at": at,
-                "actor": operator,
-                "via": "console",
-                "alert_ids": [alert_id],
-                "detail": {k: doc[k] for k in ("resolution", "comment", "unauthorised_purpose") } | (
-                    {"ppc": doc["ppc"]} if "ppc" in doc else {}
-                ),
-            }
-            key = alert_id.encode()
-            f1 = await self._producer.send(
-                self.console.topic_states, value=orjson.dumps(doc, option=orjson.OPT_SORT_KEYS), key=key
+                # Reopened and confirmed again: the clock of the first confirmation still runs.
+                known = self.store.confirmed_at.get(alert_id, at)
+                doc["ppc"] = ppc_deadlines(datetime.fromisoformat(known), self.console, doc["unauthorised_purpose"])
+            detail = {k: doc[k] for k in ("resolution", "comment", "unauthorised_purpose")} | (
+                {"ppc": doc["ppc"]} if "ppc" in doc else {}
             )
-            f2 = await self._producer.send(
-                self.settings.topic_audit,
-                value=orjson.dumps(audit, option=orjson.OPT_SORT_KEYS),
-                key=key,
-                headers=[("action", ACTION_CLOSED.encode())],
-            )
-            await f1
-            await f2
-            changed += self.store.apply_state(doc)
-            changed += self.store.apply_audit(audit)
+            changed += await self._write_state(doc, ACTION_CLOSED, "close", detail)
         self._publish(list(dict.fromkeys(changed)))
         _log.info("alert closed", alert_id=alert_id, resolution=resolution)
         return doc
+
+    async def reopen(self, alert_id: str, operator: str, comment: str) -> dict[str, Any]:
+        """Reopen a closed alert (why: ``comment``, required); it is open (and still acknowledged) again."""
+        self._comment(comment)
+        async with self._lock:
+            self._require_alert(alert_id)
+            closure = self.store.closures.get(alert_id)
+            if closure is None:
+                raise ActionError(409, "このアラートはクローズされていません。", "The alert is not closed.")
+            doc = self._state_doc(alert_id, "open", operator, self._now_iso(), comment)
+            doc["reopened_from"] = {k: closure.get(k) for k in ("resolution", "by", "at")}
+            detail = {
+                "comment": comment,
+                "previous_resolution": closure.get("resolution"),
+                "closed_by": closure.get("by"),
+                "closed_at": closure.get("at"),
+            }
+            changed = await self._write_state(doc, ACTION_REOPENED, "reopen", detail)
+        self._publish(list(dict.fromkeys(changed)))
+        _log.info("alert reopened", alert_id=alert_id)
+        return doc
+
+    def _state_doc(self, alert_id: str, state: str, operator: str, at: str, comment: str) -> dict[str, Any]:
+        return {
+            "schema_version": STATE_SCHEMA_VERSION,
+            "alert_id": alert_id,
+            "state": state,
+            "version": self.store.state_versions.get(alert_id, 0) + 1,
+            "by": operator,
+            "at": at,
+            "via": "console",
+            "comment": comment,
+        }
+
+    async def _write_state(self, doc: dict[str, Any], action: str, verb: str, detail: dict[str, Any]) -> list[str]:
+        """The state record on ``alert-states`` and its audit record; applied once the broker has both."""
+        aid = doc["alert_id"]
+        audit = {
+            "schema_version": 1,
+            "record_id": f"{verb}:{aid}:{doc['version']}:{doc['at']}",
+            "action": action,
+            "at": doc["at"],
+            "actor": doc["by"],
+            "via": "console",
+            "alert_ids": [aid],
+            "detail": detail,
+        }
+        key = aid.encode()
+        f1 = await self._producer.send(self.console.topic_states, value=orjson.dumps(doc, option=orjson.OPT_SORT_KEYS), key=key)
+        f2 = await self._producer.send(
+            self.settings.topic_audit,
+            value=orjson.dumps(audit, option=orjson.OPT_SORT_KEYS),
+            key=key,
+            headers=[("action", action.encode())],
+        )
+        await f1
+        await f2
+        return self.store.apply_state(doc) + self.store.apply_audit(audit)
 
     # -- views for the API ---------------------------------------------------------------
 
@@ -1184,6 +1330,7 @@ class ConsoleService:
             },
             "ack": self.store.acks.get(alert_id),
             "closure": closure,
+            "reopened": self.store.reopened.get(alert_id) if closure is None else None,
             "ppc": ppc,
             "trail": self.store.trail(alert_id),
         }
@@ -1210,25 +1357,6 @@ def _ja_input_error(text: str) -> str:
     if "alert id" in text:
         return "アラートIDが不正です。"
     return "入力に使えない文字が含まれています。"
-
-
-def _load_rules(settings: Settings) -> dict[str, Any]:
-    from detectors.rules import (
-        DEFAULT_RULES_DIR,
-        RuleError,
-        apply_overrides,
-        load_overrides,
-        load_rules,
-    )
-
-    try:
-        rules = load_rules(Path(settings.rules_path) if settings.rules_path else DEFAULT_RULES_DIR)
-        if settings.overrides_path:
-            rules = apply_overrides(rules, load_overrides(Path(settings.overrides_path)))
-    except RuleError as exc:
-        _log.warning("rules not loaded; the console lacks rule descriptions", error=str(exc))
-        return {}
-    return {r.id: r for r in rules}
 
 
 # --------------------------------------------------------------------------- web
@@ -1288,7 +1416,6 @@ def register(
     """Add the console's pages, API and service to a Faust app (``console.enabled``)."""
     from aiohttp import web
     from faust.web import View
-    from mode import Service
 
     cs: ConsoleSettings = console if console is not None else load_settings(ConsoleSettings, section="console")
     if not cs.enabled:
@@ -1339,6 +1466,7 @@ def register(
                 if session is not None and session.user == user and session.via == "proxy":
                     return session, None
                 fresh, cookie = signer.issue(user, now, via="proxy")
+                service.note_signin(user, ok=True, remote=request.remote or "", method="proxy")
                 return fresh, cookie
             if session is not None and session.via == "proxy":
                 return None, None  # the proxy no longer vouches for this session
@@ -1453,15 +1581,19 @@ def register(
                 return self._form(next_url, "フォームの有効期限が切れました。もう一度入力してください。 / The form expired; please try again.", 403)
             user = str(form.get("user", "")).strip()
             password = str(form.get("password", ""))
+            remote = request.remote or ""
             if service.throttle.locked(user, now):
+                service.note_signin(user, ok=False, reason="locked", remote=remote)
                 return self._form(next_url, "失敗が続いたため一時的にロックしています。15分後に再度お試しください。 / Too many failures; try again in 15 minutes.", 429)
             encoded = cs.accounts.get(user)
             ok = await asyncio.to_thread(verify_password, password, encoded or _DUMMY_HASH)
             if not ok or encoded is None:
                 service.throttle.failed(user, now)
+                service.note_signin(user, ok=False, reason="unknown_user" if encoded is None else "wrong_password", remote=remote)
                 _log.warning("console sign-in failed")
                 return self._form(next_url, "ユーザー名またはパスワードが違います。 / Wrong user name or password.", 401)
             service.throttle.succeeded(user)
+            service.note_signin(user, ok=True, remote=remote)
             _, cookie = signer.issue(user, now)
             resp = web.HTTPSeeOther(next_url, headers=_headers())
             set_session_cookie(resp, cookie)
@@ -1486,76 +1618,81 @@ def register(
 
     # -- API -----------------------------------------------------------------------------
 
-    @app.page("/console/api/me", name="console-api-me")
-    class Me(View):
-        """Who is signed in, the CSRF token, and what the page needs to know."""
+    def api_page(path: str, name: str, doc: str, answer: Callable[..., Any]) -> None:
+        """``GET path``: signed in; ``answer(request, session, **match_info)`` is the JSON (ActionError: an error)."""
 
-        async def get(self, request: Any) -> Any:
-            session, cookie, refused = await api_session(request)
-            if refused is not None:
-                return refused
-            assert session is not None
-            doc = {
-                "user": session.user,
-                "via": session.via,
-                "csrf": signer.csrf_token(session),
-                "tz": settings.tz,
-                "caught_up": service.caught_up,
-                "ppc": {
-                    "prompt_days_min": cs.ppc_prompt_days_min,
-                    "prompt_days": cs.ppc_prompt_days,
-                    "final_days": cs.ppc_final_days,
-                    "final_days_unauthorised": cs.ppc_final_days_unauthorised,
-                },
-            }
-            return with_cookie(json_response(doc), cookie)
+        @app.page(path, name=name)
+        class ApiView(View):
+            async def get(self, request: Any, **match: str) -> Any:
+                session, cookie, refused = await api_session(request)
+                if refused is not None:
+                    return refused
+                try:
+                    body = answer(request, session, **match)
+                except ActionError as exc:
+                    return error(exc.status, exc.ja, exc.en)
+                return with_cookie(json_response(body), cookie)
 
-    @app.page("/console/api/alerts", name="console-api-alerts")
-    class Alerts(View):
-        """The alert list: filters ``severity``, ``rule``, ``department``, ``state`` (comma-separated
-        where several), ``since``/``until`` (date or datetime), ``q`` (user or alert id)."""
+        ApiView.__doc__ = doc
 
-        async def get(self, request: Any) -> Any:
-            _session, cookie, refused = await api_session(request)
-            if refused is not None:
-                return refused
-            q = request.query
-            try:
-                since = _time_param(q.get("since"), service.tz)
-                until = _time_param(q.get("until"), service.tz, end_of_day=True)
-            except ActionError as exc:
-                return error(exc.status, exc.ja, exc.en)
-            total, rows = service.store.query(
-                severity=[s for s in q.get("severity", "").split(",") if s],
-                rule=q.get("rule", ""),
-                department=q.get("department", ""),
-                state=[s for s in q.get("state", "").split(",") if s],
-                since=since,
-                until=until,
-                search=q.get("q", "")[:200],
-                limit=cs.list_limit,
-            )
-            doc = {
-                "total": total,
-                "alerts": rows,
-                "facets": service.store.facets(),
-                "caught_up": service.caught_up,
-                "version": service.store.version,
-            }
-            return with_cookie(json_response(doc), cookie)
+    def me(_request: Any, session: Session) -> dict[str, Any]:
+        return {
+            "user": session.user,
+            "via": session.via,
+            "csrf": signer.csrf_token(session),
+            "tz": settings.tz,
+            "caught_up": service.caught_up,
+            "ppc": {
+                "prompt_days_min": cs.ppc_prompt_days_min,
+                "prompt_days": cs.ppc_prompt_days,
+                "final_days": cs.ppc_final_days,
+                "final_days_unauthorised": cs.ppc_final_days_unauthorised,
+            },
+        }
 
-    @app.page("/console/api/alerts/{alert_id}", name="console-api-alert")
-    class AlertDetail(View):
-        """One alert's detail."""
+    def alert_list(request: Any, _session: Session) -> dict[str, Any]:
+        q = request.query
+        total, rows = service.store.query(
+            severity=[s for s in q.get("severity", "").split(",") if s],
+            rule=q.get("rule", ""),
+            department=q.get("department", ""),
+            state=[s for s in q.get("state", "").split(",") if s],
+            since=_time_param(q.get("since"), service.tz),
+            until=_time_param(q.get("until"), service.tz, end_of_day=True),
+            search=q.get("q", "")[:200],
+            limit=cs.list_limit,
+        )
+        return {
+            "total": total,
+            "alerts": rows,
+            "facets": service.store.facets(),
+            "caught_up": service.caught_up,
+            "version": service.store.version,
+        }
 
-        async def get(self, request: Any, alert_id: str) -> Any:
-            _session, cookie, refused = await api_session(request)
-            if refused is not None:
-                return refused
-            doc = service.detail(alert_id)
-            if doc is None:
-                return error(404, "アラートが見つかりません。", "No such alert.")
-            return with_cookie(json_response(doc), cookie)
+    def alert_detail(_request: Any, _session: Session, alert_id: str) -> dict[str, Any]:
+        doc = service.detail(alert_id)
+        if doc is None:
+            raise ActionError(404, "アラートが見つかりません。", "No such alert.")
+        return doc
+
+    def overview(request: Any, _session: Session) -> dict[str, Any]:
+        try:
+            days = max(1, min(int(request.query.get("days", cs.overview_days)), 90))
+        except ValueError:
+            days = cs.overview_days
+        return service.overview(days)
+
+    api_page("/console/api/me", "console-api-me", "Who is signed in, the CSRF token, and what the page needs to know.", me)
+    api_page(
+        "/console/api/alerts",
+        "console-api-alerts",
+        "The alert list: filters ``severity``, ``rule``, ``department``, ``state`` (comma-separated where several), "
+        "``since``/``until`` (date or datetime), ``q`` (user or alert id).",
+        alert_list,
+    )
+    api_page("/console/api/alerts/{alert_id}", "console-api-alert", "One alert's detail.", alert_detail)
+    api_page("/console/api/overview", "console-api-overview", "Data of the overview charts.", overview)
 
     async def read_action(request: Any) -> tuple[Session | None, dict[str, Any], web.Response | None]:
         session, _ = session_of(request)
@@ -1568,55 +1705,43 @@ def register(
         refused = check_post(request, session, request.headers.get("X-CSRF-Token"))
         return session, body, refused
 
-    @app.page("/console/api/alerts/{alert_id}/ack", name="console-api-ack")
-    class Ack(View):
-        """Acknowledge (JSON body ``{"comment": ...}``)."""
+    Action = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
-        async def post(self, request: Any, alert_id: str) -> Any:
-            session, body, refused = await read_action(request)
-            if refused is not None:
-                return refused
-            assert session is not None
-            try:
-                ack = await service.acknowledge(alert_id, session.user, str(body.get("comment", "")).strip())
-            except ActionError as exc:
-                return error(exc.status, exc.ja, exc.en)
-            return json_response({"ok": True, "ack": ack})
+    def action_page(verb: str, answer: str, doc: str, act: Action) -> None:
+        """``POST /console/api/alerts/<id>/<verb>``: signed in, CSRF token, JSON body; ``{"ok", answer: ...}``."""
 
-    @app.page("/console/api/alerts/{alert_id}/close", name="console-api-close")
-    class Close(View):
-        """Close (JSON body ``{"resolution", "comment", "unauthorised_purpose"}``)."""
+        @app.page(f"/console/api/alerts/{{alert_id}}/{verb}", name=f"console-api-{verb}")
+        class ActionView(View):
+            async def post(self, request: Any, alert_id: str) -> Any:
+                session, body, refused = await read_action(request)
+                if refused is not None:
+                    return refused
+                assert session is not None
+                try:
+                    result = await act(alert_id, session.user, body)
+                except ActionError as exc:
+                    return error(exc.status, exc.ja, exc.en)
+                return json_response({"ok": True, answer: result})
 
-        async def post(self, request: Any, alert_id: str) -> Any:
-            session, body, refused = await read_action(request)
-            if refused is not None:
-                return refused
-            assert session is not None
-            try:
-                closure = await service.close(
-                    alert_id,
-                    session.user,
-                    str(body.get("resolution", "")),
-                    str(body.get("comment", "")).strip(),
-                    bool(body.get("unauthorised_purpose", False)),
-                )
-            except ActionError as exc:
-                return error(exc.status, exc.ja, exc.en)
-            return json_response({"ok": True, "closure": closure})
+        ActionView.__doc__ = doc
 
-    @app.page("/console/api/overview", name="console-api-overview")
-    class Overview(View):
-        """Data of the overview charts."""
+    def comment_of(body: dict[str, Any]) -> str:
+        return str(body.get("comment", "")).strip()
 
-        async def get(self, request: Any) -> Any:
-            _session, cookie, refused = await api_session(request)
-            if refused is not None:
-                return refused
-            try:
-                days = max(1, min(int(request.query.get("days", cs.overview_days)), 90))
-            except ValueError:
-                days = cs.overview_days
-            return with_cookie(json_response(service.overview(days)), cookie)
+    action_page(
+        "ack", "ack", """Acknowledge (JSON body ``{"comment": ...}``).""",
+        lambda aid, user, body: service.acknowledge(aid, user, comment_of(body)),
+    )
+    action_page(
+        "close", "closure", """Close (JSON body ``{"resolution", "comment", "unauthorised_purpose"}``).""",
+        lambda aid, user, body: service.close(
+            aid, user, str(body.get("resolution", "")), comment_of(body), bool(body.get("unauthorised_purpose", False))
+        ),
+    )
+    action_page(
+        "reopen", "reopened", """Reopen a closed alert (JSON body ``{"comment": why}``, required).""",
+        lambda aid, user, body: service.reopen(aid, user, comment_of(body)),
+    )
 
     @app.page("/console/api/stream", name="console-api-stream")
     class Stream(View):
@@ -1656,16 +1781,7 @@ def register(
 
     app.web.web_app.on_shutdown.append(_on_shutdown)
 
-    class ConsoleRunner(Service):
-        """Starts and stops the console service with the Faust worker."""
-
-        async def on_start(self) -> None:
-            await service.start()
-
-        async def on_stop(self) -> None:
-            await service.stop()
-
-    app.service(ConsoleRunner)
+    start_with_app(app, service, "ConsoleRunner")
     app.leakwatch_console = service
     return service
 

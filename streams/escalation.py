@@ -49,6 +49,24 @@ one by one until ``digest_threshold`` of them went out within
 ``digest_window``; after that they are collected per recipient set and sent
 as one digest ``digest_window`` after the first one was collected.
 
+Retention
+---------
+Acknowledged alerts (closing one in the console acknowledges it) are
+forgotten once their events ended ``state_retention`` (default 30 days)
+before the newest event the service knows, in event time, so replaying old
+logs does not empty the memory and an event stamped in the future cannot
+either (the newest event time counts at most up to the wall clock). Beyond
+``state_max_alerts`` the oldest acknowledged alerts go first, whatever their
+age. Unacknowledged alerts are never forgotten: they are still owed
+escalation steps and counted by the gauges. Only the owner of an alert's
+partition forgets it, every ``state_sweep_interval``, and writes a tombstone
+(key alert id, no value) to the state topic; every worker drops the alert
+when it reads the tombstone, and compaction removes its records. Acks of
+alerts nobody remembers are dropped from memory after ``state_retention`` of
+wall-clock time (the acks topic keeps them). A revision of a forgotten alert
+arriving later is mailed as a new alert: the detection does not revise an
+alert whose window has been closed for that long, short of a replay.
+
 SMTP failures
 -------------
 Unreachable relay or a 4xx for the whole transaction: everything waits with
@@ -71,20 +89,12 @@ from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
-from pathlib import Path
 from typing import Any, Final, cast
 from zoneinfo import ZoneInfo
 
 import orjson
 
-from detectors.rules import (
-    DEFAULT_RULES_DIR,
-    Rule,
-    RuleError,
-    apply_overrides,
-    load_overrides,
-    load_rules,
-)
+from detectors.rules import Rule
 from schemas.alert import SEVERITIES, SEVERITY_RANK, Alert
 from streams.ack import AckBackend, AckRecord, make_token, publish_ack, register_ack_view
 from streams.audit import SYSTEM_ACTOR, AuditRecord, topic_partitions, write_audit
@@ -108,6 +118,7 @@ from streams.metrics import (
     MAILS_SENT,
     OLDEST_UNACKNOWLEDGED_AGE,
 )
+from streams.service_kit import create_missing_topics, load_rule_map, start_with_app, stop_clients
 
 __all__ = [
     "AlertState",
@@ -115,6 +126,8 @@ __all__ = [
     "EscalationService",
     "StormLimiter",
     "due_steps",
+    "event_end",
+    "expired_alerts",
     "register",
 ]
 
@@ -346,15 +359,40 @@ def due_steps(
     return out
 
 
-def _load_rule_map(settings: Settings) -> dict[str, Rule]:
-    try:
-        rules = load_rules(Path(settings.rules_path) if settings.rules_path else DEFAULT_RULES_DIR)
-        if settings.overrides_path:
-            rules = apply_overrides(rules, load_overrides(Path(settings.overrides_path)))
-    except RuleError as exc:
-        _log.warning("rules not loaded; mails will lack rule descriptions", error=str(exc))
-        return {}
-    return {r.id: r for r in rules}
+def event_end(alert: Alert) -> float:
+    """Epoch seconds when an alert's events ended: its last event or its window's end, the later."""
+    ends = []
+    for text in (alert.last_ts, alert.window_end):
+        with contextlib.suppress(TypeError, ValueError):
+            ends.append(datetime.fromisoformat(text).timestamp())
+    return max(ends, default=0.0)
+
+
+def expired_alerts(
+    states: Mapping[str, AlertState],
+    acked: Container[str],
+    busy: Container[str],
+    owned: Callable[[int], bool],
+    now: float,
+    retention_s: float,
+    max_alerts: int,
+) -> list[str]:
+    """Alerts to forget, oldest first: acknowledged, owned, no mail owed (not ``busy``), and either
+    ended ``retention_s`` before the newest event (capped at ``now``) or beyond ``max_alerts``."""
+    ends = {aid: event_end(st.alert) for aid, st in states.items()}
+    if not ends:
+        return []
+    watermark = min(max(ends.values()), now)
+    candidates = sorted(
+        (end, aid)
+        for aid, end in ends.items()
+        if aid in acked and aid not in busy and owned(states[aid].partition)
+    )
+    old = 0
+    while old < len(candidates) and watermark - candidates[old][0] >= retention_s:
+        old += 1
+    excess = max(0, len(states) - old - max_alerts)
+    return [aid for _, aid in candidates[: old + excess]]
 
 
 def _dedupe(values: Iterable[str]) -> tuple[str, ...]:
@@ -381,7 +419,7 @@ class EscalationService:
         self.clock = clock
         self.tz = ZoneInfo(settings.tz)
         self.sender = sender if sender is not None else SmtpSender(mail)
-        self.rules = dict(rules) if rules is not None else _load_rule_map(settings)
+        self.rules = dict(rules) if rules is not None else load_rule_map(settings, _log, "mails will lack rule descriptions")
         self.tiers = mail.parsed_tiers
         self.base_url = (mail.public_url or settings.public_url or f"http://{settings.web_host}:{settings.web_port}").rstrip("/")
         self._secret = mail.ack_secret.encode() if mail.ack_secret else b""
@@ -412,6 +450,9 @@ class EscalationService:
         self._reader_tps: list[Any] = []
         self._paused = False
         self._last_commit = 0.0
+        self._last_sweep = 0.0
+        #: alert id -> seq of the state it had when this worker wrote its tombstone (until read back).
+        self._tombstoned: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -484,43 +525,20 @@ class EscalationService:
         if self._consumer is not None:
             with contextlib.suppress(Exception):
                 await self._commit()
-            with contextlib.suppress(Exception):
-                await self._consumer.stop()
-        for client in (self._reader, self._producer):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.stop()
+        await stop_clients(self._consumer, self._reader, self._producer)
         _log.info("escalation service stopped", unsent=len(self.pending))
 
     async def _create_topics(self, args: dict[str, Any]) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
         s = self.settings
         forever = {"retention.ms": "-1"}
-        wanted = {
+        wanted: dict[str, tuple[int, dict[str, str]]] = {
             s.topic_escalations: (s.partitions, {}),
             s.topic_acks: (s.partitions, forever),
             s.topic_audit: (1, forever),
             self.mail.topic_state: (s.partitions, {"cleanup.policy": "compact"}),
             self.mail.topic_dlq: (1, forever),
         }
-        admin = AIOKafkaAdminClient(**args)
-        await admin.start()
-        try:
-            existing = set(await admin.list_topics())
-            new = [
-                NewTopic(name=name, num_partitions=n, replication_factor=s.replication_factor, topic_configs=cfg)
-                for name, (n, cfg) in wanted.items()
-                if name not in existing
-            ]
-            if new:
-                try:
-                    await admin.create_topics(new)
-                except Exception as exc:  # another worker was first: fine
-                    if "exist" not in repr(exc).lower():
-                        raise
-        finally:
-            await admin.close()
+        await create_missing_topics(args, wanted, s.replication_factor)
 
     async def _assign_reader(self) -> None:
         from aiokafka import TopicPartition
@@ -579,6 +597,8 @@ class EscalationService:
         for tp, messages in batch.items():
             for msg in messages:
                 if msg.value is None:
+                    if tp.topic == self.mail.topic_state and msg.key:
+                        self._apply_tombstone(msg.key.decode("utf-8", "replace"))
                     continue
                 try:
                     if tp.topic == self.mail.topic_state:
@@ -590,6 +610,9 @@ class EscalationService:
 
     def _apply_state(self, incoming: AlertState) -> None:
         aid = incoming.alert.alert_id
+        gone = self._tombstoned.get(aid)
+        if gone is not None and incoming.seq <= gone and aid not in self.states:
+            return  # forgotten here, tombstone not read back yet: an older record must not bring it back
         if incoming.acked and aid not in self.acks:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 self.acks[aid] = AckRecord(alert_id=aid, **incoming.acked)
@@ -603,6 +626,16 @@ class EscalationService:
             incoming.alert = current.alert
         incoming.seen_revision = max(incoming.seen_revision, current.seen_revision)
         self.states[aid] = incoming
+
+    def _apply_tombstone(self, aid: str) -> None:
+        """The alert was forgotten by its partition's owner (this worker, or another)."""
+        if self._tombstoned.pop(aid, None) is not None:
+            return  # our own: forgotten when written; a state here now is newer than the tombstone
+        st = self.states.get(aid)
+        if st is not None and st.seq == 0:
+            return  # taken up again here after the tombstone was written, not yet mailed
+        self.states.pop(aid, None)
+        self.acks.pop(aid, None)
 
     def _apply_ack(self, ack: AckRecord) -> None:
         if ack.alert_id not in self.acks:
@@ -821,6 +854,9 @@ class EscalationService:
                 if now - self._last_commit >= self.settings.checkpoint_interval:
                     self._last_commit = now
                     await self._commit()
+                if now - self._last_sweep >= self.mail.state_sweep_interval_s:
+                    self._last_sweep = now
+                    await self.sweep()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -859,6 +895,46 @@ class EscalationService:
             ]
             for fut in futures:
                 await fut
+
+    # -- retention ---------------------------------------------------------------------
+
+    def _busy(self) -> set[str]:
+        """Alerts with a mail owed (pending, being sent)."""
+        busy = {e.alert_id for e in self.pending.values()}
+        if self._inflight is not None:
+            busy.update(e.alert_id for e in self._inflight.entries)
+        return busy
+
+    async def sweep(self) -> list[str]:
+        """Forget expired alerts of owned partitions (tombstones first, see the module doc); drop old acks."""
+        now = self.clock()
+        m = self.mail
+        ids = expired_alerts(self.states, self.acks, self._busy(), self.owns, now, m.state_retention_s, m.state_max_alerts)
+        persisted = [aid for aid in ids if self.states[aid].seq > 0]
+        if persisted:
+            futures = [await self._producer.send(m.topic_state, value=None, key=aid.encode()) for aid in persisted]
+            for fut in futures:
+                await fut
+        busy = self._busy()  # mail owed since (a late revision): keep it; its next state record restores it
+        forgotten = [aid for aid in ids if aid not in busy and aid in self.states]
+        for aid in forgotten:
+            st = self.states.pop(aid)
+            self.acks.pop(aid, None)
+            if st.seq > 0:
+                self._tombstoned[aid] = st.seq
+        horizon = now - m.state_retention_s
+        stale = [aid for aid, ack in self.acks.items() if aid not in self.states and _epoch(ack.at) < horizon]
+        for aid in stale:
+            del self.acks[aid]
+        if forgotten or stale:
+            _log.info("escalation state forgotten", alerts=len(forgotten), acks=len(stale), alerts_kept=len(self.states))
+        if len(self.states) > m.state_max_alerts:
+            _log.warning(
+                "more alerts in memory than state_max_alerts: the rest are unacknowledged or still owe mail",
+                alerts=len(self.states),
+                state_max_alerts=m.state_max_alerts,
+            )
+        return forgotten
 
     def update_gauges(self, now: float) -> None:
         counts = dict.fromkeys(SEVERITIES, 0)
@@ -1180,6 +1256,13 @@ class EscalationService:
         return ack
 
 
+def _epoch(text: str) -> float:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def _ack_fields(ack: AckRecord) -> dict[str, str]:
     return {"by": ack.by, "at": ack.at, "via": ack.via, "comment": ack.comment}
 
@@ -1205,7 +1288,6 @@ def register(
     ``mail`` defaults to the ``mail`` section of the config (``LEAKWATCH_CONFIG``)
     and ``LEAKWATCH_MAIL_*``. Without ``mail.smtp_host`` nothing is added.
     """
-    from mode import Service
 
     if mail is None:
         mail = load_settings(MailSettings, section="mail")
@@ -1215,15 +1297,6 @@ def register(
     service = EscalationService(settings, mail, clock=clock or time.time)
     register_ack_view(app, lambda: cast(AckBackend, service) if service.started else None)
 
-    class EscalationRunner(Service):
-        """Starts and stops the escalation service with the Faust worker."""
-
-        async def on_start(self) -> None:
-            await service.start()
-
-        async def on_stop(self) -> None:
-            await service.stop()
-
-    app.service(EscalationRunner)
+    start_with_app(app, service, "EscalationRunner")
     return service
 

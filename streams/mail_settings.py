@@ -185,6 +185,14 @@ class MailSettings:
     max_event_ids: int = field(default=20, metadata=_meta("event ids listed in a mail"))
     topic_dlq: str = field(default="mail-dlq", metadata=_meta("mails refused permanently, one record per recipient"))
     topic_state: str = field(default="escalation-state", metadata=_meta("compacted: per-alert mail and timer state"))
+    state_retention: str = field(
+        default="30d",
+        metadata=_meta("acknowledged alerts whose events ended this long before the newest event are forgotten (tombstoned in topic_state)"),
+    )
+    state_max_alerts: int = field(
+        default=100_000, metadata=_meta("alerts kept in memory; beyond it the oldest acknowledged ones are forgotten first")
+    )
+    state_sweep_interval: str = field(default="1m", metadata=_meta("how often state_retention and state_max_alerts are applied"))
 
     def validate(self) -> None:
         """Check every value; raises :class:`ConfigError` naming the setting."""
@@ -210,8 +218,15 @@ class MailSettings:
             raise ConfigError("mail.max_pending", "must be at least 1")
         if self.max_event_ids < 0:
             raise ConfigError("mail.max_event_ids", "must not be negative")
-        for name in ("ack_link_ttl", "digest_window", "retry_initial", "retry_max", "retry_give_up", "tick_interval"):
+        if self.state_max_alerts < 1:
+            raise ConfigError("mail.state_max_alerts", "must be at least 1")
+        for name in (
+            "ack_link_ttl", "digest_window", "retry_initial", "retry_max", "retry_give_up", "tick_interval",
+            "state_retention", "state_sweep_interval",
+        ):
             duration_seconds(f"mail.{name}", getattr(self, name))
+        if self.state_sweep_interval_s <= 0:
+            raise ConfigError("mail.state_sweep_interval", "must be positive")
         if self.tick_interval_s <= 0:
             raise ConfigError("mail.tick_interval", "must be positive")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
@@ -304,6 +319,14 @@ class MailSettings:
     @property
     def tick_interval_s(self) -> float:
         return duration_seconds("mail.tick_interval", self.tick_interval)
+
+    @property
+    def state_retention_s(self) -> float:
+        return duration_seconds("mail.state_retention", self.state_retention)
+
+    @property
+    def state_sweep_interval_s(self) -> float:
+        return duration_seconds("mail.state_sweep_interval", self.state_sweep_interval)
 
     def recipients_for(self, severity: str, rule_id: str, department: str | None) -> tuple[str, ...]:
         """Hotline, executives (critical), then every matching route; no duplicates."""

@@ -31,13 +31,15 @@
       tier_fmt: "（第{n}段階まで上申）",
       back: "← アラート一覧へ", notfound: "このアラートはまだ届いていないか、存在しません。",
       s_meaning: "このアラートの意味", viewpoint: "観点", s_fp: "誤検知になりやすい例", s_facts: "概要",
-      s_timeline: "職員の最近の操作", s_evidence: "証跡（イベント）", s_trail: "対応履歴（メール・受領・上申）",
+      s_timeline: "職員の最近の操作", s_evidence: "証跡（イベント）", s_trail: "対応履歴（メール・受領・上申・クローズ）",
       trail_empty: "まだ記録はありません。", s_ppc: "個人情報保護委員会への報告期限",
       ppc_note: "期限は設定値（速報: 速やかに＝概ね{a}～{b}日、確報: {c}日／不正目的のおそれ{d}日）から計算しています。",
       s_actions: "対応", a_comment: "コメント", a_ack: "受領を記録する", a_close: "クローズ", a_fp: "誤検知",
       a_confirmed: "漏えい等事案と確定", a_unauth: "不正の目的のおそれがある", a_close_comment: "理由・対応内容（必須）",
       a_close_btn: "クローズする", no_pii: "個人番号や住民の氏名は入力しないでください。",
+      a_reopen: "再オープン", a_reopen_comment: "再オープンする理由（必須）", a_reopen_btn: "再オープンする",
       acked_by: "{by} さんが {at} に受領（{via}）", closed_by: "{by} さんが {at} にクローズ: {res}",
+      reopened_by: "{by} さんが {at} に再オープン: {why}", reopen_done: "再オープンしました。",
       not_acked: "未受領です。受領を記録すると時間経過による上申が止まります。",
       ack_done: "受領を記録しました。", close_done: "クローズしました。", confirm_close: "この内容でクローズしますか？",
       e_ts: "日時", e_id: "イベントID", e_action: "操作", e_result: "結果", e_terminal: "端末", e_subject: "対象（仮名）",
@@ -74,13 +76,15 @@
       tier_fmt: " (escalated to tier {n})",
       back: "← Back to alerts", notfound: "This alert has not arrived yet, or does not exist.",
       s_meaning: "What this alert means", viewpoint: "Viewpoint", s_fp: "Common false positives", s_facts: "Facts",
-      s_timeline: "The user's recent activity", s_evidence: "Evidence (events)", s_trail: "History (mail, acks, escalation)",
+      s_timeline: "The user's recent activity", s_evidence: "Evidence (events)", s_trail: "History (mail, acks, escalation, closure)",
       trail_empty: "Nothing recorded yet.", s_ppc: "Report deadlines (PPC)",
       ppc_note: "Computed from settings (preliminary: promptly, about {a}-{b} days; final: {c} days, {d} for unauthorised purpose).",
       s_actions: "Actions", a_comment: "Comment", a_ack: "Acknowledge", a_close: "Close", a_fp: "False positive",
       a_confirmed: "Confirmed incident", a_unauth: "May be for an unauthorised purpose", a_close_comment: "Reason / what was done (required)",
       a_close_btn: "Close alert", no_pii: "Never type a personal number or a resident's name.",
+      a_reopen: "Reopen", a_reopen_comment: "Why reopen (required)", a_reopen_btn: "Reopen alert",
       acked_by: "Acknowledged by {by} at {at} ({via})", closed_by: "Closed by {by} at {at}: {res}",
+      reopened_by: "Reopened by {by} at {at}: {why}", reopen_done: "Reopened.",
       not_acked: "Not acknowledged. Acknowledging stops the timed escalation.",
       ack_done: "Acknowledged.", close_done: "Closed.", confirm_close: "Close this alert?",
       e_ts: "Time", e_id: "Event id", e_action: "Action", e_result: "Result", e_terminal: "Terminal", e_subject: "Record (pseudonym)",
@@ -229,7 +233,9 @@
     function params() {
       var p = new URLSearchParams();
       ["severity", "rule", "department", "state", "since", "until", "q"].forEach(function (name) {
-        var v = form.elements[name].value;
+        // A filter from the URL waits in data-want until the menus have their options (first load).
+        var el = form.elements[name];
+        var v = el.getAttribute("data-want") || el.value;
         if (v) p.set(name, v);
       });
       return p;
@@ -460,10 +466,12 @@
       var status = [];
       if (d.ack) status.push(T("acked_by", { by: d.ack.by, at: fmt(d.ack.at), via: viaWord(d.ack.via) }));
       if (d.closure) status.push(T("closed_by", { by: d.closure.by, at: fmt(d.closure.at), res: T("res_" + d.closure.resolution) }));
+      if (d.reopened) status.push(T("reopened_by", { by: d.reopened.by, at: fmt(d.reopened.at), why: d.reopened.comment }));
       if (!d.ack && !d.closure) status.push(T("not_acked"));
       setText($("#a-status"), status.join(" / "));
       $("#ack-form").hidden = !!(d.ack || d.closure);
       $("#close-form").hidden = !!d.closure;
+      $("#reopen-form").hidden = !d.closure;
     }
     function load() {
       return api("/console/api/alerts/" + encodeURIComponent(id)).then(function (r) {
@@ -476,11 +484,11 @@
       m.className = "msg " + (ok ? "ok" : "err");
       setText(m, text);
     }
-    function post(path, body, okText, btn) {
+    function post(path, body, okText, btn, form) {
       btn.disabled = true;
       return api(path, { body: body }).then(function (r) {
         btn.disabled = false;
-        if (r.ok) { message(T(okText), true); return load(); }
+        if (r.ok) { message(T(okText), true); if (form) form.reset(); return load(); }
         message((lang === "ja" ? r.doc.error_ja : r.doc.error) || T("err_generic"), false);
       }).catch(function () { btn.disabled = false; message(T("err_generic"), false); });
     }
@@ -492,13 +500,20 @@
     closeForm.addEventListener("change", function () {
       $("#unauth-wrap").hidden = closeForm.elements.resolution.value !== "confirmed";
     });
+    closeForm.addEventListener("reset", function () { $("#unauth-wrap").hidden = true; });
     closeForm.addEventListener("submit", function (ev) {
       ev.preventDefault();
       var f = ev.target.elements;
       post("/console/api/alerts/" + encodeURIComponent(id) + "/close", {
         resolution: f.resolution.value, comment: f.comment.value,
         unauthorised_purpose: f.resolution.value === "confirmed" && f.unauthorised_purpose.checked
-      }, "close_done", $("#close-btn"));
+      }, "close_done", $("#close-btn"), closeForm);
+    });
+    var reopenForm = $("#reopen-form");
+    reopenForm.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      post("/console/api/alerts/" + encodeURIComponent(id) + "/reopen", { comment: ev.target.elements.comment.value },
+        "reopen_done", $("#reopen-btn"), reopenForm);
     });
     var reload = debounce(load, 200);
     onUpdate = function (ids) { if (!ids.length || ids.indexOf(id) >= 0 || !doc) reload(); };

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -167,6 +169,18 @@ class ConsoleWorker(WorkerHarness):
     def read(self, topic: str) -> list[dict[str, Any]]:
         """Every record now on one of the worker's topics, JSON-decoded."""
         return run_async(lambda: read_topic(self.bootstrap, topic))
+
+    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """``python -m leakwatch ARGS`` against this worker's config (blocking)."""
+        return subprocess.run(
+            [sys.executable, "-m", "leakwatch", *args],
+            cwd=REPO_ROOT,
+            env=self.cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
 
 async def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[dict[str, Any]]:

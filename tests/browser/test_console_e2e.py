@@ -373,6 +373,126 @@ class TestConsoleLive:
         actions = [r["action"] for r in fresh.store.trail(aid)]
         assert actions.index("ack") < actions.index("alert.closed")
 
+    def test_reopen_closed_alert(self, page: Page, stack: ConsoleWorker, screenshots: Path) -> None:
+        """A closed alert is reopened with a reason: on the topics, in the trail, back in the open list, closable again."""
+        aid = off_hours_id("u-reopen")
+        stack.produce(weekend_events("u-reopen", "市民課"))
+        expect(row(page, aid)).to_be_visible(timeout=30_000)
+        row(page, aid).locator("a").click()
+        expect(page.locator("#close-form")).to_be_visible()
+        expect(page.locator("#reopen-form")).to_be_hidden()
+        page.fill("#close-form textarea[name=comment]", "承認済みの休日出勤")
+        page.click("#close-btn")
+        expect(page.locator("#a-msg")).to_have_text("クローズしました。")
+        expect(page.locator("#reopen-form")).to_be_visible()
+        page.click("#reopen-btn")  # no reason: the form does not go out
+        expect(page.locator("#d-state")).to_contain_text("クローズ・誤検知")
+        page.fill("#reopen-form textarea[name=comment]", "承認の記録が見つからない")
+        page.click("#reopen-btn")
+        expect(page.locator("#a-msg")).to_have_text("再オープンしました。")
+        expect(page.locator("#d-state")).to_contain_text("受領済")  # closing acknowledged it; that stays
+        expect(page.locator("#reopen-form")).to_be_hidden()
+        expect(page.locator("#close-form")).to_be_visible()
+        expect(page.locator("#close-form textarea[name=comment]")).to_have_value("")
+        expect(page.locator("#a-status")).to_contain_text("再オープン: 承認の記録が見つからない")
+        reopened = page.locator('#d-trail tbody tr[data-action="alert.reopened"]')
+        for text in ("sato", "誤検知としたクローズを取消", "承認の記録が見つからない", "コンソール"):
+            expect(reopened).to_contain_text(text)
+        actions = page.locator("#d-trail tbody tr").evaluate_all("rows => rows.map(r => r.dataset.action)")
+        assert actions.index("alert.closed") < actions.index("alert.reopened")
+        page.screenshot(path=str(screenshots / "console-detail-reopened.png"), full_page=True)
+
+        page.goto(stack.base_url + f"/console?state=new,escalated,acknowledged&q={aid}")
+        expect(row(page, aid)).to_contain_text("受領済")
+        expect(page.locator("#f-state")).to_have_value("new,escalated,acknowledged")
+        page.goto(stack.base_url + f"/console?state=closed&q={aid}")  # a deep link filters from the first load on
+        expect(page.locator("#empty")).to_be_visible()
+        expect(page.locator("#alerts tbody tr")).to_have_count(0)
+        expect(page).to_have_url(re.compile(r"state=closed"))
+
+        states = [s for s in stack.read(stack.config["console"]["topic_states"]) if s["alert_id"] == aid]
+        assert [(s["state"], s["version"], s["by"]) for s in states] == [("closed", 1, "sato"), ("open", 2, "sato")]
+        assert states[1]["comment"] == "承認の記録が見つからない"
+        assert states[1]["reopened_from"]["resolution"] == "false_positive"
+        (rec,) = [r for r in stack.read(stack.topics["topic_audit"]) if aid in r["alert_ids"] and r["action"] == "alert.reopened"]
+        assert (rec["actor"], rec["via"], rec["detail"]["comment"]) == ("sato", "console", "承認の記録が見つからない")
+        assert rec["detail"]["previous_resolution"] == "false_positive" and rec["detail"]["closed_by"] == "sato"
+        assert abs(datetime.fromisoformat(rec["at"]).timestamp() - time.time()) < 120
+
+    def test_reopen_over_http(self, page: Page, stack: ConsoleWorker) -> None:
+        """POST .../reopen: CSRF token and same origin required; refuses an open alert and a missing reason; versions count up."""
+        aid = off_hours_id("u-reopen-api")
+        stack.produce(weekend_events("u-reopen-api", "税務課"))
+        expect(row(page, aid)).to_be_visible(timeout=30_000)
+        token = page.evaluate("fetch('/console/api/me').then(r => r.json()).then(d => d.csrf)")
+        base = stack.base_url + f"/console/api/alerts/{aid}"
+        json_ct = {"Content-Type": "application/json"}
+        ok = {**json_ct, "X-CSRF-Token": token}
+
+        def post(action: str, body: dict[str, Any], headers: dict[str, str] = ok) -> Any:
+            return page.request.post(f"{base}/{action}", data=orjson.dumps(body).decode(), headers=headers)
+
+        why = {"comment": "再調査が必要"}
+        assert post("reopen", why).status == 409  # not closed
+        assert post("close", {"resolution": "false_positive", "comment": "誤検知"}).status == 200
+        assert post("reopen", why, json_ct).status == 403
+        assert post("reopen", why, {**json_ct, "X-CSRF-Token": "0" * 32}).status == 403
+        assert post("reopen", why, {**ok, "Origin": "http://evil.example"}).status == 403
+        assert post("reopen", {"comment": ""}).status == 400
+        refused = post("reopen", {"comment": "住民 1234-5678-9018 の件"})
+        assert refused.status == 400 and "12桁" in refused.json()["error_ja"]
+        assert page.request.get(base).json()["summary"]["state"] == "closed", "a refused reopen changed the state"
+
+        done = post("reopen", why)
+        assert done.status == 200
+        reopened = done.json()["reopened"]
+        assert (reopened["state"], reopened["version"], reopened["by"], reopened["comment"]) == ("open", 2, "sato", "再調査が必要")
+        assert post("reopen", why).status == 409
+        assert post("close", {"resolution": "confirmed", "comment": "本人が認めた"}).status == 200
+        detail = page.request.get(base).json()
+        assert detail["summary"]["state"] == "closed" and detail["closure"]["version"] == 3
+        assert detail["closure"]["resolution"] == "confirmed" and detail["reopened"] is None
+        assert [r["action"] for r in detail["trail"] if r["action"] in ("ack", "alert.closed", "alert.reopened")] == [
+            "ack", "alert.closed", "alert.reopened", "alert.closed"
+        ]
+
+    def test_sign_ins_audited(self, browser: Browser, stack: ConsoleWorker) -> None:
+        """Successful and failed sign-ins reach the audit topic and ``leakwatch audit``; the password never does."""
+        wrong = "not-the-password-4242"
+        ctx = new_context(browser)
+        try:
+            pg = ctx.new_page()
+            for user in ("suzuki", "mallory"):
+                pg.goto(stack.base_url + "/console/login")
+                pg.fill("input[name=user]", user)
+                pg.fill("input[name=password]", wrong)
+                pg.click("button[type=submit]")
+                expect(pg.locator(".error")).to_contain_text("パスワードが違います")
+            sign_in(pg, stack.base_url, "suzuki")
+        finally:
+            ctx.close()
+
+        deadline = time.monotonic() + 30
+        while True:  # written in the background: poll
+            failed = stack.cli("audit", "--action", "console.signin_failed", "--json")
+            assert failed.returncode == 0, failed.stderr
+            records = [orjson.loads(line) for line in failed.stdout.splitlines()]
+            tried = {(r["actor"], r["detail"].get("reason")) for r in records}
+            if {("suzuki", "wrong_password"), ("mallory", "unknown_user")} <= tried:
+                break
+            assert time.monotonic() < deadline, f"failed sign-ins not audited: {tried}"
+            time.sleep(0.5)
+        assert all(r["via"] == "console" and r["detail"]["remote"] == "127.0.0.1" for r in records)
+        assert wrong not in failed.stdout
+
+        table = stack.cli("audit", "--action", "console.signin", "--actor", "suzuki")
+        assert table.returncode == 0, table.stderr
+        header, *rows = table.stdout.splitlines()
+        assert header.split() == ["いつ", "誰が", "何を", "どのように"]
+        assert rows and all("suzuki" in r and "コンソールにサインイン" in r for r in rows)
+        everything = stack.cli("audit", "--json")
+        assert wrong not in everything.stdout and TWELVE.findall(everything.stdout) == []
+
     def test_logout(self, page: Page, stack: ConsoleWorker) -> None:
         """Signing out ends the session: the API answers 401 and pages go to the sign-in form."""
         page.click("#logout button")

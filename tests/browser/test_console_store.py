@@ -13,6 +13,7 @@ from detectors.testing import event, run_rule
 from streams.ack import AckRecord, ack_audit_record
 from streams.console import (
     ACTION_CLOSED,
+    ACTION_REOPENED,
     ConsoleSettings,
     ConsoleStore,
     HealthSampler,
@@ -44,9 +45,13 @@ def audit(action: str, alert_ids: list[str], at: str, **detail: Any) -> dict[str
     }
 
 
-def closure(alert_id: str, resolution: str = "false_positive", by: str = "sato") -> dict[str, Any]:
+def closure(alert_id: str, resolution: str = "false_positive", by: str = "sato", **extra: Any) -> dict[str, Any]:
     return {"alert_id": alert_id, "state": "closed", "resolution": resolution, "by": by, "at": "2024-05-13T09:00:00+09:00",
-            "via": "console", "comment": "確認済み"}
+            "via": "console", "comment": "確認済み"} | extra
+
+
+def reopening(alert_id: str, version: int, by: str = "suzuki", at: str = "2024-05-14T09:00:00+09:00") -> dict[str, Any]:
+    return {"alert_id": alert_id, "state": "open", "version": version, "by": by, "at": at, "via": "console", "comment": "再調査"}
 
 
 class TestConsoleStoreAlerts:
@@ -143,6 +148,13 @@ class TestConsoleStoreStates:
         assert [r["action"] for r in store.trail(a)] == ["digest.sent", "mail.sent"]
         assert [r["action"] for r in store.trail(b)] == ["digest.sent"]
 
+    def test_records_about_no_alert_ignored(self) -> None:
+        """Sign-in records name no alert: no trail gets them and nothing is kept of them."""
+        store = ConsoleStore()
+        signin = audit("console.signin", [], "2024-05-11T09:00:00+09:00", method="password") | {"actor": "sato", "via": "console"}
+        assert store.apply_audit(signin) == []
+        assert store.version == 0 and not store.history and not store._audit_seen
+
     def test_ack_audit_from_link_is_worded(self) -> None:
         """The audit record of a link ack reads as an acknowledgment via the mail link."""
         store = ConsoleStore()
@@ -160,6 +172,69 @@ class TestConsoleStoreStates:
         ja, en = describe_record(record)
         assert ja == "クローズ（漏えい等事案と確定）「本人が認めた」"
         assert en == 'closed as confirmed incident "本人が認めた"'
+
+
+class TestConsoleStoreReopen:
+    """Reopening: state records carry versions; the newest version decides, replays change nothing."""
+
+    def test_reopen_then_close_again(self) -> None:
+        """closed (v1) → open (v2) → closed (v3); the reopened alert is among the open ones meanwhile."""
+        store = ConsoleStore()
+        doc = alert_docs()[-1]
+        aid = doc["alert_id"]
+        store.apply_alert(doc)
+        store.apply_ack({"alert_id": aid, "by": "sato", "at": "2024-05-13T08:59:00+09:00", "via": "console"})
+        assert store.apply_state(closure(aid)) == [aid]
+        assert store.apply_state(reopening(aid, 2)) == [aid]
+        assert store.state_of(aid) == "acknowledged" and aid not in store.closures
+        assert store.reopened[aid]["by"] == "suzuki"
+        assert [r["alert_id"] for r in store.query(state=["new", "escalated", "acknowledged"])[1]] == [aid]
+        assert store.summary(aid)["resolution"] is None
+        assert store.apply_state(closure(aid, "confirmed", version=3)) == [aid]
+        assert store.state_of(aid) == "closed" and aid not in store.reopened
+        assert store.state_versions[aid] == 3
+
+    def test_replays_and_stale_versions_ignored(self) -> None:
+        """Reading the topic again, or a concurrent action that lost, changes nothing."""
+        store = ConsoleStore()
+        aid = alert_docs()[-1]["alert_id"]
+        store.apply_state(closure(aid))
+        store.apply_state(reopening(aid, 2))
+        version = store.version
+        assert store.apply_state(closure(aid)) == []  # v1 again
+        assert store.apply_state(reopening(aid, 2, by="other")) == []
+        assert store.apply_state({**reopening(aid, 3), "state": "archived"}) == []
+        assert store.version == version and store.reopened[aid]["by"] == "suzuki" and aid not in store.closures
+
+    def test_first_confirmation_kept(self) -> None:
+        """Confirmed, reopened, confirmed again: the PPC clock's start is the first confirmation."""
+        store = ConsoleStore()
+        aid = alert_docs()[-1]["alert_id"]
+        first = "2024-05-13T09:00:00+09:00"
+        store.apply_state(closure(aid, "confirmed", ppc={"known_at": first}))
+        store.apply_state(reopening(aid, 2))
+        store.apply_state(closure(aid, "confirmed", version=3, at="2024-05-20T09:00:00+09:00"))
+        assert store.confirmed_at[aid] == first
+
+    def test_first_confirmation_from_the_audit_trail(self) -> None:
+        """With the state topic compacted to its last record, the audit trail still tells the first confirmation."""
+        store = ConsoleStore()
+        aid = alert_docs()[-1]["alert_id"]
+        first = "2024-05-13T09:00:00+09:00"
+        store.apply_audit(audit(ACTION_CLOSED, [aid], first, resolution="confirmed", ppc={"known_at": first}))
+        store.apply_state(closure(aid, "confirmed", version=3, at="2024-05-20T09:00:00+09:00"))
+        assert store.confirmed_at[aid] == first
+
+    def test_reopen_record_is_worded(self) -> None:
+        """The trail says who reopened what kind of closure, and why, without repeating the alert id."""
+        store = ConsoleStore()
+        aid = alert_docs()[-1]["alert_id"]
+        rec = audit(ACTION_REOPENED, [aid], "2024-05-14T09:00:00+09:00", comment="再調査", previous_resolution="false_positive")
+        store.apply_audit(rec | {"actor": "suzuki", "via": "console"})
+        (row,) = store.trail(aid)
+        assert row["what"] == "再オープン（誤検知としたクローズを取消） 「再調査」"
+        assert row["what_en"] == 'reopened (was closed as false positive) "再調査"'
+        assert row["actor"] == "suzuki" and aid not in row["what"]
 
 
 class TestConsoleStoreQuery:

@@ -3,13 +3,17 @@
 ``register`` adds the console to a Faust app; its aiohttp application is served
 by ``aiohttp.test_utils.TestServer`` and driven by a real HTTP client. The
 console service is not started (no Kafka), so its store is empty: these tests
-are about sign-in, sessions, the proxy header, CSRF and headers.
+are about sign-in, sessions, the proxy header, CSRF and headers. Sign-in audit
+records wait in the service's queue (nothing writes them without Kafka), which
+is where these tests read them; that they reach the audit topic and
+``leakwatch audit`` is tested end to end in ``test_console_e2e.py``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import faust
@@ -17,8 +21,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from console_kit import run_async
 
+from streams.audit import AuditRecord
 from streams.config import Settings, load_settings
-from streams.console import ConsoleSettings, hash_password, register
+from streams.console import ConsoleService, ConsoleSettings, hash_password, register
 
 PASSWORD = "correct horse battery staple"
 HASH = hash_password(PASSWORD)
@@ -27,14 +32,20 @@ ALERT = "lw-00000000-11111111-22222222"
 
 def serve(console: ConsoleSettings, scenario: Callable[[TestClient], Awaitable[Any]]) -> Any:
     """Run ``scenario(client)`` against a Faust app with the console registered."""
+    return serve_service(console, lambda client, _service: scenario(client))
+
+
+def serve_service(console: ConsoleSettings, scenario: Callable[[TestClient, ConsoleService], Awaitable[Any]]) -> Any:
+    """Run ``scenario(client, service)``: the same, with the (unstarted) console service at hand."""
 
     async def main() -> Any:
         settings = load_settings(Settings, env={}, overrides={"web_port": 6066})
         app = faust.App("console-web-test", broker="kafka://127.0.0.1:9", web_enabled=True, autodiscover=False, store="memory://")
-        register(app, settings, console=console)
+        service = register(app, settings, console=console)
+        assert service is not None
         app.web.init_server()
         async with TestClient(TestServer(app.web.web_app)) as client:
-            return await scenario(client)
+            return await scenario(client, service)
 
     return run_async(main)
 
@@ -43,16 +54,21 @@ def accounts(**extra: Any) -> ConsoleSettings:
     return ConsoleSettings(users={"sato": HASH}, session_secret="web-test-session-secret-01", **extra)
 
 
-async def sign_in(client: TestClient, password: str = PASSWORD) -> Any:
+async def sign_in(client: TestClient, password: str = PASSWORD, user: str = "sato") -> Any:
     """GET the form (nonce cookie + field), POST it; returns the POST response."""
     form = await client.get("/console/login?next=/console")
     nonce = re.search(r'name="nonce" value="([^"]+)"', await form.text())
     assert nonce is not None
     return await client.post(
         "/console/login",
-        data={"nonce": nonce.group(1), "next": "/console", "user": "sato", "password": password},
+        data={"nonce": nonce.group(1), "next": "/console", "user": user, "password": password},
         allow_redirects=False,
     )
+
+
+def queued(service: ConsoleService) -> list[tuple[str, str, str]]:
+    """(action, actor, reason) of the sign-in audit records waiting to be written."""
+    return [(r.action, r.actor, str(r.detail.get("reason", ""))) for r in service.audit_queue]
 
 
 class TestSignIn:
@@ -94,6 +110,61 @@ class TestSignIn:
         serve(accounts(), scenario)
 
 
+class TestSignInAudit:
+    """Every sign-in, successful or not, becomes an audit record; a password never does."""
+
+    def test_success_and_failures_recorded(self) -> None:
+        """Wrong password, unknown user, locked account and success: one record each, with the reason."""
+
+        async def scenario(c: TestClient, service: ConsoleService) -> list[AuditRecord]:
+            assert (await sign_in(c, "hunter2-wrong")).status == 401
+            assert (await sign_in(c, "hunter2-wrong", user="nobody")).status == 401
+            assert (await sign_in(c, "hunter2-wrong")).status == 401
+            assert (await sign_in(c)).status == 429  # locked after two failures: even the right password
+            assert queued(service) == [
+                ("console.signin_failed", "sato", "wrong_password"),
+                ("console.signin_failed", "nobody", "unknown_user"),
+                ("console.signin_failed", "sato", "wrong_password"),
+                ("console.signin_failed", "sato", "locked"),
+            ]
+            return list(service.audit_queue)
+
+        records = serve_service(accounts(login_max_failures=2), scenario)
+        for r in records:
+            assert r.via == "console" and r.detail["remote"] == "127.0.0.1" and r.detail["method"] == "password"
+            assert r.record_id and datetime.fromisoformat(r.at).tzinfo is not None
+            assert "hunter2" not in r.to_json().decode() and PASSWORD not in r.to_json().decode()
+
+        async def success(c: TestClient, service: ConsoleService) -> list[tuple[str, str, str]]:
+            assert (await sign_in(c)).status == 303
+            assert (await c.get("/console/api/me")).status == 200  # using the session is not another sign-in
+            return queued(service)
+
+        assert serve_service(accounts(), success) == [("console.signin", "sato", "")]
+
+    def test_tried_name_cleaned(self) -> None:
+        """A personal-number-like user name is masked, control characters dropped, length capped."""
+
+        async def scenario(c: TestClient, service: ConsoleService) -> list[str]:
+            await sign_in(c, "x", user="123456789018")
+            await sign_in(c, "x", user="a\x07b" + "c" * 300)
+            return [r.actor for r in service.audit_queue]
+
+        masked, long = serve_service(accounts(), scenario)
+        assert masked == "［伏字］"
+        assert long == "ab" + "c" * 98
+
+    def test_proxy_sign_in_recorded_once_per_session(self) -> None:
+        """A proxy-vouched operator gets one record when the session starts, not one per request."""
+
+        async def scenario(c: TestClient, service: ConsoleService) -> list[Any]:
+            for _ in range(3):
+                assert (await c.get("/console/api/me", headers={"X-Forwarded-User": "proxy-user"})).status == 200
+            return [(r.action, r.actor, r.detail["method"]) for r in service.audit_queue]
+
+        assert serve_service(accounts(trust_proxy_header=True), scenario) == [("console.signin", "proxy-user", "proxy")]
+
+
 class TestProxyHeader:
     """Behind an authenticating reverse proxy, X-Forwarded-User names the operator."""
 
@@ -127,17 +198,20 @@ class TestProxyHeader:
 class TestCsrfAndHeaders:
     """Every POST needs the session's token; every response carries the security headers."""
 
-    def test_post_needs_token(self) -> None:
-        """No token or a wrong one is 403; the right one passes (404: the alert is unknown here)."""
+    @pytest.mark.parametrize("verb", ["ack", "close", "reopen"])
+    def test_post_needs_token(self, verb: str) -> None:
+        """Signed out is 401; no token or a wrong one is 403; the right one passes (404: the alert is unknown here)."""
 
         async def scenario(c: TestClient) -> None:
+            url = f"/console/api/alerts/{ALERT}/{verb}"
+            body = {"comment": "理由", "resolution": "false_positive"}
+            assert (await c.post(url, json=body)).status == 401
             assert (await sign_in(c)).status == 303
             token = (await (await c.get("/console/api/me")).json())["csrf"]
-            url = f"/console/api/alerts/{ALERT}/ack"
-            assert (await c.post(url, json={})).status == 403
-            assert (await c.post(url, json={}, headers={"X-CSRF-Token": "0" * 32})).status == 403
-            assert (await c.post(url, json={}, headers={"X-CSRF-Token": token, "Origin": "https://evil.example"})).status == 403
-            assert (await c.post(url, json={}, headers={"X-CSRF-Token": token})).status == 404
+            assert (await c.post(url, json=body)).status == 403
+            assert (await c.post(url, json=body, headers={"X-CSRF-Token": "0" * 32})).status == 403
+            assert (await c.post(url, json=body, headers={"X-CSRF-Token": token, "Origin": "https://evil.example"})).status == 403
+            assert (await c.post(url, json=body, headers={"X-CSRF-Token": token})).status == 404
 
         serve(accounts(), scenario)
 

@@ -19,9 +19,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 from support import (
     ALL_RECEIVED,
     REPO_ROOT,
@@ -36,6 +38,7 @@ from support import (
 )
 
 from schemas.alert import Alert, alert_id_for
+from streams.audit import topic_partitions
 
 __all__ = [
     "ALL_RECEIVED",
@@ -45,6 +48,7 @@ __all__ = [
     "ack_link",
     "free_port",
     "http",
+    "latest_by_key",
     "leaks",
     "mail_texts",
     "make_alert",
@@ -67,14 +71,18 @@ def make_alert(
     department: str | None = None,
     count: int = 3,
     revision: int = 1,
-    window_start_ms: int = 1714748400000,
+    day: str = "2024-05-04",
+    window_start_ms: int | None = None,
     terminals: Sequence[str] = ("10.1.2.3",),
     event_ids: Sequence[str] = ("ev-1", "ev-2", "ev-3"),
     subjects: Sequence[str] = ("mn_00aa11bb22cc33dd44ee",),
     devices: Sequence[str] = (),
     details: dict[str, Any] | None = None,
 ) -> Alert:
-    """An alert as the detection publishes it (Saturday 2024-05-04, Tokyo)."""
+    """An alert as the detection publishes it (its window: the Tokyo ``day``, by default Saturday 2024-05-04)."""
+    start = datetime.fromisoformat(f"{day}T00:00:00+09:00")
+    if window_start_ms is None:
+        window_start_ms = int(start.timestamp() * 1000)
     return Alert(
         alert_id=alert_id_for(rule_id, reason, user, window_start_ms),
         rule_id=rule_id,
@@ -84,10 +92,10 @@ def make_alert(
         severity=severity,
         viewpoint="unnatural_time",
         user=user,
-        first_ts="2024-05-04T10:15:00+09:00",
-        last_ts="2024-05-04T11:40:12+09:00",
-        window_start="2024-05-04T00:00:00+09:00",
-        window_end="2024-05-05T00:00:00+09:00",
+        first_ts=f"{day}T10:15:00+09:00",
+        last_ts=f"{day}T11:40:12+09:00",
+        window_start=start.isoformat(),
+        window_end=(start + timedelta(days=1)).isoformat(),
         count=count,
         revision=revision,
         department=department,
@@ -107,6 +115,35 @@ async def produce_alerts(bootstrap: str, topic: str, alerts: Iterable[Alert]) ->
 async def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[tuple[bytes | None, Any]]:
     """Every record now on a topic: (key, JSON-decoded value), in partition order."""
     return await read_records(bootstrap, topic, timeout)
+
+
+async def latest_by_key(bootstrap: str, topic: str, timeout: float = 30.0) -> dict[str, Any]:
+    """What compaction keeps of a topic: per key, the newest value (JSON-decoded; ``None`` for a tombstone)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    parts = (await topic_partitions({"bootstrap_servers": bootstrap}, [topic]))[topic]
+    out: dict[str, Any] = {}
+    if not parts:
+        return out
+    tps = [TopicPartition(topic, p) for p in parts]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(tps)
+        first = await consumer.beginning_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, first[tp])
+        end = await consumer.end_offsets(tps)
+        deadline = time.monotonic() + timeout
+        while any([await consumer.position(tp) < end[tp] for tp in tps]):
+            assert time.monotonic() < deadline, f"could not read {topic} to its end"
+            for tp, msgs in (await consumer.getmany(timeout_ms=300)).items():
+                for m in msgs:
+                    if m.offset < end[tp] and m.key is not None:
+                        out[m.key.decode()] = None if m.value is None else orjson.loads(m.value)
+    finally:
+        await consumer.stop()
+    return out
 
 
 # --------------------------------------------------------------------------- the worker
