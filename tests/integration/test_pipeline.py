@@ -262,8 +262,8 @@ class TestCheckpoints:
                 await alerts.settle(0.5)
             assert again.stats.events == 6, "the first look-ups were not replayed"
         docs = [orjson.loads(r.value) for r in alerts.records if orjson.loads(r.value)["rule_id"] == "repeated_queries"]
-        assert [(d["revision"], d["count"]) for d in docs] == [(1, 10)]
-        assert docs[0]["last_ts"] == format_ts(parse_ts("2024-11-19T10:09:00+09:00"))
+        assert [(d["revision"], d["count"]) for d in docs] == [(1, 12)]  # the default threshold, crossed by the last look-up
+        assert docs[0]["last_ts"] == format_ts(parse_ts("2024-11-19T10:11:00+09:00"))
 
 
 class TestReadiness:

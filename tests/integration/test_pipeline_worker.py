@@ -199,10 +199,10 @@ class TestCrashRecovery:
     """kill -9 in the middle of a backlog, then a restart: nothing lost, nothing counted twice."""
 
     async def test_kill9_and_restart(self, broker: BrokerProcess, workers: list[Worker], tmp_path: Path) -> None:
-        """Alerts after the restart are the expected ones; a threshold crossed across the crash fires once at count 10."""
+        """Alerts after the restart are the expected ones; a threshold crossed across the crash fires once at count 12."""
         settings = make_settings(broker, "kill", log_level="info")  # the restored partitions are logged
         await create_topics(settings)
-        # A user whose ten look-ups of one record are split by the crash.
+        # A user whose twelve look-ups of one record (the default threshold) are split by the crash.
         target = "u-crash"
         target_p = partition_for(target.encode(), settings.partitions)
 
@@ -264,6 +264,6 @@ class TestCrashRecovery:
             seen.add(ident)
         assert seen == set(want)
         crossed = {(d["revision"], d["count"]) for d in (orjson.loads(r.value) for r in alerts.records) if d["user"] == target and d["rule_id"] == "repeated_queries"}
-        assert crossed == {(1, 10)}
+        assert crossed == {(1, 12)}
         assert "detection stopped" in second.log_path.read_text()
         assert os.path.getsize(first.log_path) > 0
