@@ -88,7 +88,13 @@ from schemas.alert import SEVERITIES, SEVERITY_RANK
 from streams.audit import AuditRecord, write_audit
 from streams.config import ConfigError, Settings, load_settings
 from streams.logging import get_logger
-from streams.service_kit import create_missing_topics, load_rule_map, start_with_app, stop_clients
+from streams.service_kit import (
+    create_missing_topics,
+    load_rule_map,
+    random_token,
+    start_with_app,
+    stop_clients,
+)
 
 __all__ = [
     "ACTION_CLOSED",
@@ -354,7 +360,7 @@ class SessionSigner:
 
     def issue(self, user: str, now: float, via: str = "password") -> tuple[Session, str]:
         """A new session and its cookie value."""
-        session = Session(user, secrets.token_hex(16), int(now + self.ttl_s), via)
+        session = Session(user, random_token(16), int(now + self.ttl_s), via)
         payload = orjson.dumps({"u": session.user, "s": session.sid, "e": session.expires, "v": via})
         return session, f"{_b64(payload)}.{self._mac('session', payload)}"
 
@@ -386,7 +392,7 @@ class SessionSigner:
 
     def login_nonce(self, now: float) -> str:
         """A signed nonce for the sign-in form (cookie + hidden field: login CSRF)."""
-        payload = f"{secrets.token_hex(12)}.{int(now + 3600)}".encode()
+        payload = f"{random_token(12)}.{int(now + 3600)}".encode()
         return f"{payload.decode()}.{self._mac('login', payload)}"
 
     def check_login_nonce(self, cookie: str | None, form_value: str | None, now: float) -> bool:
@@ -1084,7 +1090,7 @@ class ConsoleService:
             actor=name,
             via="console",
             detail=detail,
-            record_id=f"{'signin' if ok else 'signin_failed'}:{secrets.token_hex(8)}",
+            record_id=f"{'signin' if ok else 'signin_failed'}:{random_token()}",
         )
         if len(self.audit_queue) >= _AUDIT_QUEUE_MAX:
             dropped = self.audit_queue.popleft()

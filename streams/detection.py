@@ -93,7 +93,7 @@ from detectors.base import parse_duration
 from detectors.engine import Engine, EngineSettings, calendar_from_rules
 from detectors.rules import DEFAULT_RULES_DIR, Rule, apply_overrides, load_overrides, load_rules
 from leakwatch import __version__
-from schemas.alert import SEVERITY_RANK, Alert
+from schemas.alert import SEVERITY_RANK, Alert, grouped_hex
 from schemas.event import EventCodec
 from schemas.mynumber import Pseudonymizer
 from streams import metrics
@@ -159,7 +159,8 @@ def rules_version(rules: Iterable[Rule]) -> str:
          sorted(r.allowlist.departments), sorted(r.allowlist.devices), {k: [v.title, v.level] for k, v in sorted(r.reasons.items())}]
         for r in sorted(rules, key=lambda r: r.id)
     ]
-    return hashlib.sha256(orjson.dumps(doc, default=str, option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
+    digest = hashlib.sha256(orjson.dumps(doc, default=str, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return grouped_hex(digest[:16])  # a metric label: never 12 decimal digits in a row
 
 
 class LoopStats:

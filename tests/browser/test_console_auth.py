@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -52,6 +53,31 @@ class TestPasswords:
             input="s3cret passphrase\n", capture_output=True, text=True, check=True,
         ).stdout.strip()
         assert verify_password("s3cret passphrase", out)
+
+
+class TestRandomTokens:
+    """Random ids in audit records, sessions and nonces never look like a personal number."""
+
+    def test_all_digit_randomness(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Even when the random hex happens to be all digits, no 12-digit run reaches a token, a nonce or an audit record."""
+        import secrets
+
+        from streams.config import Settings
+        from streams.console import ConsoleService
+        from streams.service_kit import random_token
+
+        monkeypatch.setattr(secrets, "token_hex", lambda n=8: "1234567890" * (2 * n // 10 + 1))
+        twelve = re.compile(r"\d{12}")
+        assert len(random_token(8).replace("-", "")) >= 16 and not twelve.search(random_token(8))
+        signer = SessionSigner(SECRET, 3600)
+        nonce = signer.login_nonce(now=0.0)
+        assert not twelve.search(nonce.split(".")[0]) and signer.check_login_nonce(nonce, nonce, now=1.0)
+        session, _ = signer.issue("sato", now=0.0)
+        assert not twelve.search(session.sid)
+        service = ConsoleService(Settings(), ConsoleSettings(session_secret="x" * 16), clock=lambda: 0.0, rules={})
+        for ok in (True, False):
+            record = service.note_signin("sato", ok=ok, reason="" if ok else "wrong_password", remote="127.0.0.1")
+            assert record.record_id.startswith("signin") and not twelve.search(record.to_json().decode())
 
 
 class TestSessionSigner:

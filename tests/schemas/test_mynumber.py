@@ -113,3 +113,12 @@ class TestNoAccidentalTwelveDigits:
         from schemas.alert import alert_id_for
 
         assert not self.LEAK.search(alert_id_for("r", "x", user, window))
+
+    @given(st.text(alphabet="0123456789abcdef", max_size=64))
+    def test_grouped_hex_has_no_twelve_digit_run(self, digits: str) -> None:
+        """Grouped hex keeps every digit and never shows 12 decimal digits in a row, even when all are digits."""
+        from schemas.alert import grouped_hex
+
+        out = grouped_hex(digits)
+        assert out.replace("-", "") == digits and not self.LEAK.search(out)
+        assert not self.LEAK.search(grouped_hex("0123456789" * 4))

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,7 @@ class TestTopicsAndRules:
         assert rules_version(rules) == rules_version(list(reversed(rules)))
         changed = [replace(r, params={**r.params, "threshold": 99}) if r.id == "repeated_queries" else r for r in rules]
         assert rules_version(changed) != rules_version(rules)
+        assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{8}", rules_version(rules)), "a label must never hold 12 digits in a row"
 
 
 class TestWorkerCommandErrors:
