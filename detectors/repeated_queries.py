@@ -10,8 +10,9 @@ Reasons, each one finding per (user, subject, tumbling window of the fire):
 
 ``same_subject``
     ``threshold`` successful look-ups (``search``/``view``) of the same
-    ``subject`` token within a sliding ``window`` (default 10 within 1 h: twice
-    the upper end of ordinary counter work).
+    ``subject`` token within a sliding ``window`` (default 12 within 1 h:
+    above the 10 or 11 look-ups that one long, complex case at the counter
+    can reach).
 ``repeated_failures``
     ``failure_threshold`` failed or denied look-ups of the same subject
     within ``failure_window`` (default 3 within 1 h): someone trying to open a
@@ -28,13 +29,16 @@ the look-up that crossed the threshold, so ids do not depend on arrival order.
 State per user: the recent look-up times per subject, for at most
 ``max_subjects`` subjects (least recently looked up evicted first), pruned on
 every sweep. Successful look-ups are the most common event of all, so their
-times are kept as sorted 64-bit integers in an ``array("q")`` per subject,
-appended in place (compact, and invisible to the garbage collector), and a
-look-up of the same subject as the user's previous one (the common case:
-search, view, view again) needs no dictionary work at all. The same sliding
-rule as :class:`~detectors.windows.SlidingWindow` applies (a look-up at ``t``
-fires when ``(t - window, t]`` holds ``threshold`` look-ups). Failures, which
-are rare, use :class:`~detectors.windows.SlidingWindow` itself.
+times are kept as sorted 64-bit integers in an ``array`` per subject,
+appended in place (compact: the garbage collector has no items to visit),
+and a look-up of the same subject as the user's previous one (the common
+case: search, view, view again) needs no dictionary work at all. While the
+subjects' order is also the order of their newest look-ups (the usual case),
+those newest times are kept sorted in one small list as well, so a sweep
+finds the subjects to forget without visiting each one's times. The same
+sliding rule as :class:`~detectors.windows.SlidingWindow` applies (a look-up
+at ``t`` fires when ``(t - window, t]`` holds ``threshold`` look-ups).
+Failures, which are rare, use :class:`~detectors.windows.SlidingWindow` itself.
 """
 
 from __future__ import annotations
@@ -56,10 +60,13 @@ __all__ = ["RepeatedQueriesDetector", "RepeatedQueriesSettings"]
 #: Look-up times kept per subject at most (a runaway script cannot grow state without bound).
 MAX_TIMES_PER_SUBJECT: Final = 1000
 _MS: Final = timedelta(milliseconds=1)
+#: 64-bit signed integers: C ``long`` where it has 64 bits (the array converts
+#: those without the slower ``long long`` path), else ``long long``.
+_TYPECODE: Final = "l" if array("l").itemsize == 8 else "q"
 #: Copied for each new subject (copying is faster than building an array).
-_ONE: Final = array("q", [0])
+_ONE: Final = array(_TYPECODE, [0])
 #: ``_Lookups.last_times`` of a state with no last subject.
-_NONE: Final = array("q")
+_NONE: Final = array(_TYPECODE)
 
 
 def _local_offset_ms(tz: tzinfo, ts_ms: int) -> int:
@@ -73,7 +80,7 @@ class RepeatedQueriesSettings:
     """Parameters of the ``repeated_queries`` rule."""
 
     #: Successful look-ups of one subject within ``window`` that raise ``same_subject``.
-    threshold: int = 10
+    threshold: int = 12
     window_ms: int = HOUR_MS
     #: Failed/denied look-ups of one subject within ``failure_window`` that raise ``repeated_failures``.
     failure_threshold: int = 3
@@ -85,7 +92,7 @@ class RepeatedQueriesSettings:
 class _Lookups:
     """One user's recent look-ups: subject -> sorted times (ok) / sliding window (failed)."""
 
-    __slots__ = ("bad", "due", "last", "last_time", "last_times", "ok", "ordered")
+    __slots__ = ("bad", "due", "last", "last_time", "last_times", "ok", "ordered", "tail")
 
     def __init__(self) -> None:
         #: Subject -> look-up times, least recently looked up first.
@@ -100,6 +107,10 @@ class _Lookups:
         #: ``ok`` is also in order of the subjects' newest look-up times (so the
         #: first subject is the one to expire first); derived, never dumped.
         self.ordered = True
+        #: While ``ordered``: the newest look-up times of the subjects in ``ok``
+        #: other than ``last``, ascending (so, in the order of ``ok``). Expiry
+        #: reads these instead of each subject's times. Derived, never dumped.
+        self.tail: list[int] = []
         #: Nothing expires before this watermark (0: look at the next sweep); derived, never dumped.
         self.due = 0
 
@@ -171,14 +182,20 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
             newest = state.last_time
         else:
             book = state.ok
-            if state.ordered and book and (state.last is None or ts < state.last_time):
-                # Out of order: moved last, the subject may not be the newest any more.
-                state.ordered = False
-                state.due = user.wake = 0
+            ordered = state.ordered
+            if ordered:
+                if book and (state.last is None or ts < state.last_time):
+                    # Out of order: moved last, the subject may not be the newest any more.
+                    state.ordered = ordered = False
+                    state.due = user.wake = 0
+                elif state.last is not None:
+                    state.tail.append(state.last_time)  # the newest of all so far
             found = book.pop(subject, None)
             if found is None:
                 if len(book) >= self._max_subjects:
                     del book[next(iter(book))]
+                    if ordered:
+                        del state.tail[0]
                 if not book and ts + self._window_ms < state.due:
                     state.due = ts + self._window_ms  # the first subject is the one to expire first
                     if state.due < user.wake:
@@ -189,16 +206,20 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
                 return  # threshold >= 2: a first look-up never fires
             times = book[subject] = found  # re-inserted: dict order is least recently used first
             newest = times[-1]
+            if ordered:
+                tail = state.tail
+                del tail[bisect_left(tail, newest)]
             state.last, state.last_times, state.last_time = subject, times, newest
         if ts >= newest:
             times.append(ts)
             state.last_time = ts
-            n = len(times)
-            if n > MAX_TIMES_PER_SUBJECT:
+            k = len(times) - self._threshold
+            if k < 0:
+                return  # fewer than ``threshold`` (so fewer than MAX_TIMES_PER_SUBJECT) times
+            if k > MAX_TIMES_PER_SUBJECT - self._threshold:
                 del times[0]
-                n -= 1
-            k = n - self._threshold
-            if k < 0 or times[k] <= ts - self._window_ms:
+                k -= 1
+            if times[k] <= ts - self._window_ms:
                 return
             candidates = [ts]
         else:
@@ -281,7 +302,7 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
     def load(self, data: Any) -> _Lookups:
         """Inverse of :meth:`dump`."""
         state = _Lookups()
-        state.ok = {str(subject): array("q", [int(t) for t in times]) for subject, times in data["ok"]}
+        state.ok = {str(subject): array(_TYPECODE, [int(t) for t in times]) for subject, times in data["ok"]}
         state.bad = {str(subject): SlidingWindow.load(w) for subject, w in data["bad"]}
         state.ordered = False
         return state
@@ -294,20 +315,45 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
         """
         book = state.ok
         window = self._window_ms
+        due = NEVER
         if book:
-            # Least recently looked up first: stop at the first subject still in use,
-            # so each subject costs one visit when it goes, not one per sweep.
+            # Least recently looked up first: the subjects to forget are a prefix.
             before = watermark_ms - window
-            n = 0
-            for times in book.values():
-                if times[-1] > before:
-                    break
-                n += 1
-            if n == len(book):
-                state.ok = book = {}
-                state.last, state.last_times = None, _NONE
-            elif n:
-                state.ok = book = dict(islice(book.items(), n, None))
+            if state.ordered:
+                # In order of the newest times too: count them without visiting them.
+                tail = state.tail
+                n = bisect_right(tail, before)
+                if n == len(tail) and state.last is not None and state.last_time <= before:
+                    n += 1
+                if n == len(book):
+                    state.ok = book = {}
+                    state.last, state.last_times = None, _NONE
+                    state.tail = []
+                elif n:
+                    for subject in list(islice(book, n)):
+                        del book[subject]
+                    del tail[:n]
+                if book:
+                    due = (tail[0] if tail else state.last_time) + window
+            else:
+                newest = [times[-1] for times in book.values()]
+                n = 0
+                for t in newest:
+                    if t > before:
+                        break
+                    n += 1
+                if n == len(book):
+                    state.ok = book = {}
+                    state.last, state.last_times = None, _NONE
+                else:
+                    if n:
+                        for subject in list(islice(book, n)):
+                            del book[subject]
+                        del newest[:n]
+                    due = min(newest) + window
+                    if all(a <= b for a, b in pairwise(newest)):
+                        state.ordered = True
+                        state.tail = newest if state.last is None else newest[:-1]
         failure_window = self.settings.failure_window_ms
         if state.bad:
             before = watermark_ms - failure_window
@@ -316,14 +362,6 @@ class RepeatedQueriesDetector(Detector[_Lookups, RepeatedQueriesSettings]):
             state.bad = {subject: w for subject, w in state.bad.items() if len(w)}
         if not book and not state.bad:
             return None
-        due = NEVER
-        if book:
-            if state.ordered:
-                due = next(iter(book.values()))[-1] + window
-            else:
-                newest = [times[-1] for times in book.values()]
-                due = min(newest) + window
-                state.ordered = all(a <= b for a, b in pairwise(newest))
         if state.bad:
             due = min(due, min(w.times[0] for w in state.bad.values()) + failure_window)
         state.due = due
