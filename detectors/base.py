@@ -31,6 +31,14 @@ earliest watermark at which ``expire`` would change the state (``0`` always
 qualifies: "look at the next sweep"), and ``expire`` sets it afresh. Whenever
 ``process`` creates a state or lowers its ``due``, it lowers
 :attr:`UserState.wake` to match: the engine does not visit a user before it.
+
+Repeats: most events are a user's next personal-data reference from the same
+terminal on the same workday, which for some detectors only adds to a count.
+Such a detector opts in with :meth:`Detector.repeats` and
+:meth:`Detector.repeat`; its handler then returns how many such *repeat*
+events the engine may skip before calling it again, and the engine hands it
+the count of the skipped ones before anything else reads its state. Handlers
+of other detectors return ``None``.
 """
 
 from __future__ import annotations
@@ -90,7 +98,21 @@ def parse_duration(value: Any) -> int:
 class UserState:
     """Everything leakwatch keeps about one user: one slot per detector."""
 
-    __slots__ = ("alerts", "department", "first_ts", "last_ts", "recent", "slots", "synced", "wake")
+    __slots__ = (
+        "alerts",
+        "department",
+        "epoch",
+        "first_ts",
+        "last_ts",
+        "recent",
+        "slots",
+        "streak_counts",
+        "streak_left",
+        "streak_lo",
+        "streak_terminal",
+        "synced",
+        "wake",
+    )
 
     def __init__(self, n_detectors: int, recent_events: int = 16) -> None:
         #: Per-detector state, ``None`` until that detector first needs it.
@@ -111,6 +133,15 @@ class UserState:
         self.wake = 0
         #: Engine-owned: the engine's hourly sweeps this user's states have seen.
         self.synced = 0
+        #: Engine-owned: the engine's epoch at this user's last event (see ``Engine.process``).
+        self.epoch = -1
+        #: Engine-owned: the terminal and business-hours span of the user's current
+        #: run of repeat events (``None``: no run), how many more may be skipped,
+        #: and how many were skipped so far, by class of kind (see :meth:`Detector.repeats`).
+        self.streak_terminal: str | None = None
+        self.streak_lo = 0
+        self.streak_left = 0
+        self.streak_counts: list[int] = []
 
 
 class Emitter(Protocol):
@@ -186,7 +217,7 @@ class Detector(ABC, Generic[S, C]):
             and (mynumber_ref or not self.needs_mynumber_ref)
         )
 
-    def handler(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> Callable[[Event, UserState, Emitter], None] | None:
+    def handler(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> Callable[[Event, UserState, Emitter], int | None] | None:
         """What the engine calls for events of this kind: :meth:`process` if :meth:`wants` them, else nothing.
 
         A detector may return a narrower method that handles exactly this kind
@@ -194,13 +225,39 @@ class Detector(ABC, Generic[S, C]):
         """
         return self.process if self.wants(action, result, mynumber_ref, location) else None
 
+    def repeats(self, action: str, result: str) -> bool:
+        """Whether this detector takes part in skipping *repeat* events of this kind (default: no).
+
+        A repeat event of a user is an in-order personal-data (``mynumber_ref``)
+        event of a kind every taking part detector allows, within the business
+        hours of the same workday as the user's previous event, from the same
+        terminal, at no special location (:meth:`locations`), after an event for
+        which the handler of every detector taking part returned a positive
+        number ``n``, and within the smallest such ``n`` of it. A handler returns
+        ``n`` to say that, for this user, the next ``n`` repeat events would
+        change nothing but what :meth:`repeat` applies, and raise nothing
+        (:data:`NEVER`: no limit). The engine then does not call the detector
+        for repeat events; before anything else sees the detector's state (the
+        user's next other event, :meth:`expire`, :meth:`dump`), it calls
+        :meth:`repeat` with how many of the skipped events were of a kind the
+        detector has a handler for. Detectors whose rule has an allowlist do
+        not take part.
+        """
+        return False
+
+    def repeat(self, state: S, count: int, last_ts: int) -> None:
+        """Apply ``count`` skipped repeat events, the newest at ``last_ts`` (see :meth:`repeats`)."""
+
     def locations(self) -> frozenset[str]:
         """Event locations that can change the answer of :meth:`wants` (others are passed as ``None``)."""
         return frozenset()
 
     @abstractmethod
-    def process(self, ev: Event, user: UserState, emit: Emitter) -> None:
-        """Handle one event of ``user`` (state in ``user.slots[self.index]``)."""
+    def process(self, ev: Event, user: UserState, emit: Emitter) -> int | None:
+        """Handle one event of ``user`` (state in ``user.slots[self.index]``).
+
+        Returns ``None``, or a positive number to allow skipping that many repeat events at most (see :meth:`repeats`).
+        """
 
     @abstractmethod
     def dump(self, state: S) -> Any:

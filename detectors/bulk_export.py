@@ -15,7 +15,7 @@ Reasons:
     few hundred lines, or a department's monthly extract of up to a few
     thousand records; 5000 within an hour is more than such routine output.
     Staff who do not export at all are the ``unusual_operation`` rule's
-    ``first_export`` concern, whatever the size.
+    ``first_export`` concern from ``min_records`` records in a day (default 10).
 ``records_exported_massive`` (critical)
     The same sum reaches ``massive_factor`` (default 4) times ``max_records``:
     20 000 records, the scale of the lost USB sticks in the PPC's reports.
@@ -190,7 +190,7 @@ class BulkExportDetector(Detector[BulkExportState, BulkExportSettings]):
 
     # -- processing ---------------------------------------------------------
 
-    def handler(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> Callable[[Event, UserState, Emitter], None] | None:
+    def handler(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> Callable[[Event, UserState, Emitter], int | None] | None:
         """Successful look-ups and successful write-outs have their own paths."""
         if result != "success":
             return None
@@ -211,17 +211,33 @@ class BulkExportDetector(Detector[BulkExportState, BulkExportSettings]):
             user.wake = 0
         return st
 
-    def _lookup(self, ev: Event, user: UserState, emit: Emitter) -> None:
+    def repeats(self, action: str, result: str) -> bool:
+        """Look-ups take part in skipping repeats (write-outs do not)."""
+        return result != "success" or action not in WRITE_OUT_ACTIONS
+
+    def repeat(self, state: BulkExportState, count: int, last_ts: int) -> None:
+        """Count the skipped look-ups of the day (fewer than would reach the threshold)."""
+        state.count += count
+
+    def _lookup(self, ev: Event, user: UserState, emit: Emitter) -> int | None:
+        """Count a look-up of the day; the look-ups left below the day's threshold, if any (:meth:`repeats`)."""
         st: BulkExportState | None = user.slots[self.index]
         if st is not None and st.day <= ev.ts_ms < st.end:
             n = st.count = st.count + 1
-            if n > st.limit:
+            limit = st.limit
+            if n > limit:
                 self._check_today(st, ev, n, emit)
-            return
+                limit = st.limit
+                if n > limit:
+                    return None
+            return limit - n or None
         st = self._state(user)
         self._lookup_other_day(st, ev, emit)
         if st.due < user.wake:
             user.wake = st.due
+        if st.day <= ev.ts_ms < st.end and st.count < st.limit:
+            return st.limit - st.count  # a look-up of the current day, below its threshold
+        return None
 
     def _write_out_event(self, ev: Event, user: UserState, emit: Emitter) -> None:
         st = self._state(user)

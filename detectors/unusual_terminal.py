@@ -42,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from detectors.base import DAY_MS, MINUTE_MS, Detector, Emitter, UserState
+from detectors.base import DAY_MS, MINUTE_MS, NEVER, Detector, Emitter, UserState
 from schemas.event import Event
 
 __all__ = ["UnusualTerminalDetector", "UnusualTerminalSettings", "UnusualTerminalState"]
@@ -95,7 +95,10 @@ class UnusualTerminalState:
         self.seen: dict[str, int] = {}
         #: New terminals of the current day -> personal-data references from them.
         self.flagged: dict[str, int] = {}
-        #: ``today & known``: events from these need no further look; derived, never dumped.
+        #: Terminals of the current day whose events need no further look than
+        #: counting: the usual ones (``today & known``) and, while no reference
+        #: can be judged for the rest of the day (warm-up), the others too.
+        #: Derived, never dumped.
         self.fast: set[str] = set()
         #: Nothing expires before this watermark (0: look at the next sweep); derived, never dumped.
         self.due = 0
@@ -133,16 +136,29 @@ class UnusualTerminalDetector(Detector[UnusualTerminalState, UnusualTerminalSett
 
     # -- processing ---------------------------------------------------------
 
-    def process(self, ev: Event, user: UserState, emit: Emitter) -> None:
-        """Note the terminal; judge it if it is not one of today's usual ones."""
+    def process(self, ev: Event, user: UserState, emit: Emitter) -> int | None:
+        """Note the terminal; judge it if it is not one of today's usual ones.
+
+        Returns ``NEVER`` (repeats may be skipped without limit) when it is (:meth:`repeats`).
+        """
         st: UnusualTerminalState | None = user.slots[self.index]
         if st is not None and st.day <= ev.ts_ms < st.end and ev.terminal in st.fast:
             st.n_today += 1
-            return
+            return NEVER
         self._slow(st, ev, user, emit)
         after: UnusualTerminalState = user.slots[self.index]
         if after.due < user.wake:
             user.wake = after.due
+        # Now a usual terminal of the day (the next such event takes the fast path)?
+        return NEVER if after.day <= ev.ts_ms < after.end and ev.terminal in after.fast else None
+
+    def repeats(self, action: str, result: str) -> bool:
+        """Every kind of event takes part in skipping repeats: a usual terminal of the day is only counted."""
+        return True
+
+    def repeat(self, state: UnusualTerminalState, count: int, last_ts: int) -> None:
+        """Count the skipped events of the day."""
+        state.n_today += count
 
     def _slow(self, st: UnusualTerminalState | None, ev: Event, user: UserState, emit: Emitter) -> None:
         ts = ev.ts_ms
@@ -150,6 +166,7 @@ class UnusualTerminalDetector(Detector[UnusualTerminalState, UnusualTerminalSett
             st = user.slots[self.index] = UnusualTerminalState(ts)
         elif ts < st.first:
             st.first = ts
+            st.fast = st.today & st.known  # the warm-up may now end earlier
         if ts >= st.end:
             self._roll(st, self.day_start(ts))
         elif ts < st.day:
@@ -169,6 +186,8 @@ class UnusualTerminalDetector(Detector[UnusualTerminalState, UnusualTerminalSett
             return
         s = self.settings
         if st.first > ts - s.warmup_ms or st.n_before < s.min_events:
+            if terminal in st.today and (st.n_before < s.min_events or st.first + s.warmup_ms >= st.end):
+                st.fast.add(terminal)  # not judged before the day ends: its events are only counted
             return
         if terminal not in st.flagged and len(st.flagged) >= MAX_TERMINALS_PER_DAY:
             return
@@ -204,6 +223,7 @@ class UnusualTerminalDetector(Detector[UnusualTerminalState, UnusualTerminalSett
     def _late(self, st: UnusualTerminalState, ev: Event, emit: Emitter) -> None:
         """An event of an earlier day: its terminal is usual for today; it may add to yesterday."""
         st.n_before += 1
+        st.fast = st.today & st.known  # the warm-up may now end earlier
         terminal = ev.terminal
         day = self.day_start(ev.ts_ms)
         if day >= st.day - self.settings.recent_ms:

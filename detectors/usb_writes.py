@@ -120,7 +120,7 @@ class UsbWritesSettings:
 class UsbWritesState:
     """One user's media baseline, learned terminals and open findings."""
 
-    __slots__ = ("bytes_window", "counts", "due", "media_day", "records_window", "refs", "writes")
+    __slots__ = ("bytes_window", "counts", "cur", "cur_terminal", "cur_ts", "due", "media_day", "records_window", "refs", "writes")
 
     def __init__(self) -> None:
         #: Local day start of the first media use; -1 before any.
@@ -135,6 +135,14 @@ class UsbWritesState:
         self.records_window: SlidingWindow | None = None
         #: Nothing expires before this watermark (0: look at the next sweep); derived, never dumped.
         self.due = 0
+        #: The learned terminal of the last reference, its record in ``refs`` and its
+        #: newest reference time, not yet written to the record (``None``: no such
+        #: terminal). References from it in time order then touch nothing else;
+        #: :meth:`UsbWritesDetector.settle` writes the time back before anything
+        #: else reads or changes ``refs``. Derived, never dumped.
+        self.cur_terminal: str | None = None
+        self.cur: list[int] | None = None
+        self.cur_ts = 0
 
 
 def _is_media(ev: Event) -> bool:
@@ -185,26 +193,58 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
         """Removable-media operations, and personal-data references while learning terminals."""
         return action in _MEDIA or (mynumber_ref and self.learn)
 
-    def handler(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> Callable[[Event, UserState, Emitter], None] | None:
+    def handler(self, action: str, result: str, mynumber_ref: bool, location: str | None) -> Callable[[Event, UserState, Emitter], int | None] | None:
         """Other personal-data references only teach the terminal: a path of their own."""
         if action in _MEDIA:
             return self.process
         return self._reference if mynumber_ref and self.learn else None
 
-    def _reference(self, ev: Event, user: UserState, emit: Emitter) -> None:
-        """A personal-data reference that is not a media operation: learn its terminal."""
+    def repeats(self, action: str, result: str) -> bool:
+        """References that only teach the terminal take part in skipping repeats."""
+        return self.learn and action not in _MEDIA
+
+    def repeat(self, state: UsbWritesState, count: int, last_ts: int) -> None:
+        """Skipped references from the current terminal: the newest is ``last_ts``."""
+        state.cur_ts = last_ts
+
+    def _reference(self, ev: Event, user: UserState, emit: Emitter) -> int | None:
+        """A personal-data reference that is not a media operation: learn its terminal.
+
+        Returns ``NEVER`` (repeats may be skipped without limit) when the terminal
+        is the current one (:meth:`repeats`).
+        """
         st: UsbWritesState | None = user.slots[self.index]
         if st is not None:
+            # Hot path: the same terminal as the user's last reference, in time order.
+            if ev.terminal == st.cur_terminal and ev.ts_ms >= st.cur_ts:
+                st.cur_ts = ev.ts_ms
+                return NEVER
+            if st.cur is not None:
+                self.settle(st)
             rec = st.refs.get(ev.terminal)
             if rec is not None and ev.ts_ms >= rec[1]:
-                rec[1] = ev.ts_ms
-                return
+                st.cur_terminal, st.cur, st.cur_ts = ev.terminal, rec, ev.ts_ms
+                return NEVER
         else:
             st = user.slots[self.index] = UsbWritesState()
             user.wake = 0
         self._learn_terminal(st, ev, user, emit)
         if st.due < user.wake:
             user.wake = st.due
+        rec = st.refs.get(ev.terminal)
+        if rec is not None and ev.ts_ms >= rec[1]:
+            # Learned: the next reference from it in order takes the hot path.
+            st.cur_terminal, st.cur, st.cur_ts = ev.terminal, rec, rec[1]
+            return NEVER
+        return None
+
+    @staticmethod
+    def settle(st: UsbWritesState) -> None:
+        """Write the current terminal's newest reference time back to ``refs`` and forget it."""
+        rec = st.cur
+        if rec is not None:
+            rec[1] = st.cur_ts
+            st.cur = st.cur_terminal = None
 
     def day_start(self, ts_ms: int) -> int:
         """Epoch ms of the local midnight starting the day of ``ts_ms``."""
@@ -218,6 +258,8 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
         if st is None:
             st = user.slots[self.index] = UsbWritesState()
             user.wake = 0
+        elif st.cur is not None:
+            self.settle(st)
         if ev.mynumber_ref and self.learn:
             rec = st.refs.get(ev.terminal)
             if rec is not None and ev.ts_ms >= rec[1]:
@@ -360,6 +402,8 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
         The first media day is the user's baseline and is kept for as long as
         the engine keeps the user; a state with nothing else is dropped.
         """
+        if state.cur is not None:
+            self.settle(state)
         if state.counts:
             state.counts = {k: v for k, v in state.counts.items() if int(k.split(":", 1)[0]) + DAY_MS > watermark_ms}
         if state.writes:
@@ -397,6 +441,8 @@ class UsbWritesDetector(Detector[UsbWritesState, UsbWritesSettings]):
 
     def dump(self, state: UsbWritesState) -> Any:
         """``[media_day, [[terminal, first, last]], writes, [[key, count]], bytes, records]``."""
+        if state.cur is not None:
+            self.settle(state)
         return [
             state.media_day,
             sorted([t, rec[0], rec[1]] for t, rec in state.refs.items()),

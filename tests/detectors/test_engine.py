@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import orjson
+import functools
+from typing import Any
 
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detectors.base import DAY_MS
 from detectors.engine import Engine, EngineSettings
+from detectors.rules import Rule, load_rules
 from detectors.testing import event, final_alerts, rule
 from schemas.alert import alert_id_for
+from schemas.event import Event, parse_ts
 
 NIGHT = "2019-02-04T22:{:02d}:00+09:00"
 
@@ -121,3 +129,109 @@ class TestPerUserWatermark:
         final = final_alerts(eng.process_all([]) + eng.flush())
         slow = [a for a in final.values() if a.user == "slow"]
         assert len(slow) == 1 and slow[0].count == 2
+
+
+_KINDS = [
+    ("search", "success"), ("search", "success"), ("view", "success"), ("view", "success"),
+    ("search", "failure"), ("view", "denied"), ("export", "success"), ("print", "success"),
+    ("print_screen", "success"), ("usb_write", "success"), ("login", "success"),
+]
+_step = st.tuples(
+    st.integers(0, 1),  # user
+    st.integers(-30, 240),  # minutes after the user's previous event (negative: out of order)
+    st.sampled_from(["10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+    st.sampled_from(_KINDS),
+    st.booleans(),  # mynumber_ref (mostly true, see below)
+    st.integers(0, 3),  # subject
+    st.sampled_from([None, None, None, "telework"]),
+    st.integers(0, 9),  # 0: checkpoint after this event
+)
+
+
+@functools.cache
+def _rule_sets() -> dict[tuple[bool, bool], list[Rule]]:
+    """(low thresholds, unusual_terminal allowlisted) -> rules; loaded once."""
+    out = {}
+    for low in (False, True):
+        rules = _low_threshold_rules() if low else load_rules()
+        out[low, False] = rules
+        out[low, True] = [
+            rule(r.id, {"params": dict(r.params), "allowlist": {"users": ["u1"]}}) if r.id == "unusual_terminal" else r for r in rules
+        ]
+    return out
+
+
+def _low_threshold_rules() -> list[Rule]:
+    """Every bundled rule, with thresholds low enough for a short random stream to cross them."""
+    low = {
+        "bulk_export": {"min_lookups": 3, "spike_factor": 1.5, "baseline_days": 2, "min_baseline_days": 1, "max_records": 40},
+        "unusual_terminal": {"warmup": "1d", "min_events": 3, "terminals_per_day": 2},
+        "usb_writes": {"warmup": "1d"},
+        "repeated_queries": {"threshold": 3},
+    }
+    return [rule(r.id, {"params": low[r.id]}) if r.id in low else r for r in load_rules()]
+
+
+class TestRepeatSkipping:
+    """Skipping a user's repeat events (``EngineSettings.skip_repeats``) changes speed only."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(_step, min_size=1, max_size=120), st.booleans(), st.booleans())
+    def test_same_alerts_snapshots_and_dirty_sets(self, steps: list[tuple[Any, ...]], low: bool, allowlisted: bool) -> None:
+        """Alerts, checkpointed users and their snapshots are identical with and without skipping, whatever the stream."""
+        rules = _rule_sets()[low, allowlisted]  # a detector behind an allowlist takes no part in skipping
+        start = parse_ts("2019-02-04T08:30:00+09:00")  # a Monday, before business hours
+        clock = [start, start]
+        events: list[tuple[Event, bool]] = []
+        for n, (who, minutes, terminal, (action, result), ref, subject, location, cut) in enumerate(steps):
+            clock[who] = max(start, clock[who] + minutes * 60_000)
+            events.append(
+                (
+                    Event(
+                        f"e{n}", clock[who], f"u{who}", terminal, action, result, ref or action in ("search", "view"),
+                        subject=f"r{subject}", records=10 if action in ("export", "print", "usb_write") else None,
+                        device="USB-1" if action == "usb_write" else None, location=location,
+                    ),
+                    cut == 0,
+                )
+            )
+
+        def run(skip: bool) -> tuple[list[dict[str, Any]], list[tuple[str, bytes | None]], bytes]:
+            eng = Engine(rules, EngineSettings(skip_repeats=skip))
+            alerts: list[dict[str, Any]] = []
+            checkpoints: list[tuple[str, bytes | None]] = []
+            for ev, cut in events:
+                eng.process(ev)
+                alerts += [a.to_dict() for a in eng.drain()]
+                if cut:
+                    checkpoints += [(u, eng.dump_user(u)) for u in sorted(eng.clear_dirty())]
+            eng.sweep(eng.max_ts + 2 * DAY_MS)
+            alerts += [a.to_dict() for a in eng.drain()]
+            return alerts, checkpoints, eng.snapshot()
+
+        assert run(True) == run(False)
+
+    def test_repeats_are_skipped(self) -> None:
+        """A morning of look-ups from one terminal runs as one streak: counted in bulk when the user's state is next read."""
+        base = parse_ts("2019-02-04T09:00:00+09:00")
+        events = [Event(f"e{i}", base + i * 60_000, "u0", "10.0.0.1", "search", "success", True, subject=f"r{i % 7}") for i in range(200)]
+        eng, plain = Engine(load_rules()), Engine(load_rules(), EngineSettings(skip_repeats=False))
+        eng.process_all(events)
+        plain.process_all(events)
+        user = eng.users["u0"]
+        assert user.streak_terminal == "10.0.0.1" and sum(user.streak_counts) > 150, "repeat events were not skipped"
+        assert eng.dump_user("u0") == plain.dump_user("u0")
+        assert user.streak_terminal is None and sum(user.streak_counts) == 0, "reading the state did not end the streak"
+
+    def test_threshold_crossed_within_a_streak(self) -> None:
+        """A look-up spike and repeated look-ups crossed in the middle of a run of repeats fire at the same event as without skipping."""
+        rules = _rule_sets()[True, False]
+        events = []
+        for day, n in ((4, 5), (5, 5), (6, 5), (7, 60)):  # Mon-Wed ordinary, Thursday a spike
+            base = parse_ts(f"2019-02-{day:02d}T09:00:00+09:00")
+            events += [Event(f"d{day}-{i}", base + i * 60_000, "u0", "10.0.0.1", "view", "success", True, subject=f"r{i % 9}") for i in range(n)]
+        fast, plain = Engine(rules), Engine(rules, EngineSettings(skip_repeats=False))
+        got = [a.to_dict() for a in fast.process_all(events)]
+        assert got == [a.to_dict() for a in plain.process_all(events)]
+        assert {"lookup_spike", "same_subject"} <= {a["reason"] for a in got}
+        assert fast.snapshot() == plain.snapshot()
