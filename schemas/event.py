@@ -14,7 +14,7 @@ keyed pseudonyms (see :mod:`schemas.mynumber`) and the event is flagged
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -74,6 +74,9 @@ _KNOWN_FIELDS: Final = frozenset(
     (*REQUIRED_FIELDS, *OPTIONAL_STR_FIELDS, *OPTIONAL_INT_FIELDS, "schema_version", "pii_scrubbed")
 )
 _MAX_STR = 512
+#: Accepted event times (epoch ms, UTC): 1970-01-01 up to the end of 2199.
+TS_MIN_MS: Final = 0
+TS_MAX_MS: Final = 7_258_118_400_000
 _TS_CACHE_SIZE = 65_536
 #: Optional field -> its JSON type.
 _OPTIONAL_KIND: Final[dict[str, type]] = {
@@ -106,7 +109,12 @@ def parse_ts(value: str) -> int:
         raise EventError("ts", f"not an RFC 3339 timestamp: {value[:40]!r}") from None
     if dt.tzinfo is None or dt.utcoffset() is None:
         raise EventError("ts", "missing UTC offset (naive timestamps are ambiguous)")
-    return (dt - _EPOCH) // _MS
+    ts_ms = (dt - _EPOCH) // _MS
+    if not TS_MIN_MS <= ts_ms < TS_MAX_MS:
+        # Far outside any log's life, and beyond what local-time arithmetic
+        # (days, windows, holidays) can take: year 1 at +14:00 is year 0 in UTC.
+        raise EventError("ts", f"out of range: must be from 1970 up to 2199 (UTC), got {value[:40]!r}")
+    return ts_ms
 
 
 def format_ts(ts_ms: int, tz: tzinfo = DEFAULT_TZ) -> str:
@@ -216,6 +224,25 @@ def _req_str(obj: dict[str, Any], name: str) -> str:
     return value
 
 
+def _optional_error(obj: dict[str, Any]) -> NoReturn:
+    """Raise the :class:`EventError` of the first invalid optional field of ``obj``."""
+    for name, value in obj.items():
+        kind = _OPTIONAL_KIND.get(name)
+        if kind is None or value is None:
+            continue
+        if kind is str:
+            if type(value) is not str:
+                raise EventError(name, f"must be a string, got {type(value).__name__}")
+            if len(value) > _MAX_STR:
+                raise EventError(name, f"longer than {_MAX_STR} characters")
+        else:
+            if type(value) is not int:
+                raise EventError(name, f"must be an integer, got {type(value).__name__}")
+            if value < 0:
+                raise EventError(name, "must not be negative")
+    raise AssertionError("no invalid optional field")  # pragma: no cover - callers checked there is one
+
+
 class EventCodec:
     """Validates, pseudonymises, encodes and decodes canonical events.
 
@@ -256,10 +283,10 @@ class EventCodec:
         if ts_ms is None:
             ts_ms = self._parse_ts(ts)
         action = get("action")
-        if action not in ACTIONS:
+        if type(action) is not str or action not in ACTIONS:  # (a list or object is unhashable)
             raise EventError("action", f"must be one of {', '.join(sorted(ACTIONS))}; got {str(action)[:40]!r}")
         result = get("result")
-        if result not in RESULTS:
+        if type(result) is not str or result not in RESULTS:
             raise EventError("result", f"must be one of {', '.join(sorted(RESULTS))}; got {str(result)[:40]!r}")
         ref = get("mynumber_ref")
         if type(ref) is not bool:
@@ -276,30 +303,32 @@ class EventCodec:
             and 0 < len(terminal) <= _MAX_STR
         ):
             event_id, user, terminal = _req_str(obj, "event_id"), _req_str(obj, "user"), _req_str(obj, "terminal")
-        ev = Event(event_id, ts_ms, user, terminal, action, result, ref)
-        optional = len(obj) - 7
-        if version is not None:
-            optional -= 1
-        if "pii_scrubbed" in obj:
-            optional -= 1
-            ev.pii_scrubbed = get("pii_scrubbed") is True
-        if optional > 0:
-            for name, value in obj.items():
-                kind = _OPTIONAL_KIND.get(name)
-                if kind is None or value is None:
-                    continue
-                if kind is str:
-                    if type(value) is not str:
-                        raise EventError(name, f"must be a string, got {type(value).__name__}")
-                    if len(value) > _MAX_STR:
-                        raise EventError(name, f"longer than {_MAX_STR} characters")
-                else:
-                    if type(value) is not int:
-                        raise EventError(name, f"must be an integer, got {type(value).__name__}")
-                    if value < 0:
-                        raise EventError(name, "must not be negative")
-                setattr(ev, name, value)
-        return ev
+        # Optional fields: read by name (no loop, no setattr) and checked in one
+        # expression; anything off falls through to the precise error.
+        subject = get("subject")
+        department = get("department")
+        system = get("system")
+        session = get("session")
+        location = get("location")
+        device = get("device")
+        records = get("records")
+        nbytes = get("bytes")
+        if not (
+            (subject is None or (type(subject) is str and len(subject) <= _MAX_STR))
+            and (department is None or (type(department) is str and len(department) <= _MAX_STR))
+            and (system is None or (type(system) is str and len(system) <= _MAX_STR))
+            and (session is None or (type(session) is str and len(session) <= _MAX_STR))
+            and (location is None or (type(location) is str and len(location) <= _MAX_STR))
+            and (device is None or (type(device) is str and len(device) <= _MAX_STR))
+            and (records is None or (type(records) is int and records >= 0))
+            and (nbytes is None or (type(nbytes) is int and nbytes >= 0))
+        ):
+            _optional_error(obj)
+        return Event(
+            event_id, ts_ms, user, terminal, action, result, ref,
+            subject, records, nbytes, device, department, system, session, location,
+            get("pii_scrubbed") is True,
+        )  # fmt: skip
 
     def _parse_ts(self, ts: Any) -> int:
         """Parse (and remember) one timestamp string.

@@ -36,8 +36,10 @@ import pickle
 import re
 import signal
 import time
+import traceback
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import orjson
@@ -290,7 +292,11 @@ class PartitionEngines:
                     if limit is not None and offsets[i] < limit:
                         skipped += 1
                         continue
-                process(ev)
+                try:
+                    process(ev)
+                except Exception as exc:  # a detector bug must not stop the partition on every restart
+                    dead.append((i, j if array else None, "internal", _internal_reason(exc), "$", ev.event_id))
+                    continue
                 add_action(ev.action)
                 if late:
                     for lev in engine.drain_late():
@@ -314,6 +320,13 @@ class PartitionEngines:
 #: Fields an EventError may name; anything else is reported as ``unknown_field``
 #: so the ``reason`` metric label stays bounded whatever producers send.
 _ERROR_FIELDS: Final = frozenset(("$", *REQUIRED_FIELDS, *OPTIONAL_STR_FIELDS, *OPTIONAL_INT_FIELDS, "schema_version", "pii_scrubbed"))
+
+
+def _internal_reason(exc: Exception) -> str:
+    """Why an event failed inside the detectors: the exception type and where (no message: it may quote the event)."""
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+    return f"internal error in the detectors: {type(exc).__name__}{at}; please report it"
 
 
 def error_code(exc: EventError) -> str:

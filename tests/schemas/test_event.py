@@ -7,8 +7,10 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from schemas.event import ACTIONS, RESULTS, Event, EventCodec, format_ts, parse_ts
+from schemas.event import ACTIONS, RESULTS, Event, EventCodec, EventError, format_ts, parse_ts
 from schemas.mynumber import Pseudonymizer, check_digit
 
 CODEC = EventCodec(Pseudonymizer(b"test-key-0123456789"))
@@ -54,6 +56,11 @@ class TestDecode:
             (base(user=None), "user", "missing"),
             (base(ts="2019-02-02 22:11:03"), "ts", "missing UTC offset"),
             (base(ts="yesterday"), "ts", "RFC 3339"),
+            (base(ts="0001-01-01T00:00:00+14:00"), "ts", "out of range"),
+            (base(ts="9999-12-31T23:59:59-14:00"), "ts", "out of range"),
+            (base(ts="1969-12-31T23:59:59Z"), "ts", "out of range"),
+            (base(action=["search"]), "action", "must be one of"),
+            (base(result={"ok": 1}), "result", "must be one of"),
             (base(action="dance"), "action", "must be one of"),
             (base(result="ok"), "result", "must be one of"),
             (base(mynumber_ref="yes"), "mynumber_ref", "true or false"),
@@ -71,6 +78,23 @@ class TestDecode:
         assert events == []
         assert errors[0].field == field
         assert words in errors[0].reason
+
+    @given(
+        st.sampled_from(["event_id", "ts", "user", "terminal", "action", "result", "mynumber_ref", "subject", "records",
+                         "bytes", "device", "department", "system", "session", "location", "schema_version", "pii_scrubbed"]),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+            max_leaves=5,
+        ),
+    )
+    def test_any_json_value_in_any_field_is_an_error_or_an_event(self, field: str, value: object) -> None:
+        """Whatever JSON a producer puts in a field (lists and objects included), decoding never raises."""
+        for scrub in (False, True):
+            try:
+                CODEC.from_dict(base(**{field: value}) if value is not None else {**base(), field: None}, scrub)
+            except EventError as exc:
+                assert exc.field and exc.reason
 
     @pytest.mark.parametrize("raw", [b"", b"{", b"[1,2", b"\xff\xfe", b"null", b"42"])
     def test_garbage_is_an_error_not_a_crash(self, raw: bytes) -> None:

@@ -8,10 +8,10 @@ import signal
 import orjson
 import pytest
 
-from detectors.engine import EngineSettings
+from detectors.engine import Engine, EngineSettings
 from detectors.rules import load_rules
 from detectors.testing import event
-from schemas.event import EventCodec
+from schemas.event import Event, EventCodec
 from schemas.mynumber import Pseudonymizer
 from streams.engines import BatchResult, DetectionHost, DetectionProcessError, PartitionEngines
 
@@ -53,6 +53,25 @@ class TestPartitionEngines:
         assert {a.rule_id for a in res.alerts} == {"off_hours"}
         late = [r for r in res.dead if r[2] == "late"]
         assert late[0][5] == "late1" and late[0][4] == "ts"
+
+    def test_detector_bug_dead_letters_the_event(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An exception inside the detectors dead-letters that event (type and place, never its content) and the batch goes on."""
+        real = Engine.process
+
+        def buggy(self: Engine, ev: Event) -> None:
+            if ev.event_id == "ev1":
+                raise KeyError("4-secret-subject")
+            real(self, ev)
+
+        monkeypatch.setattr(Engine, "process", buggy)
+        host = PartitionEngines(load_rules(), EngineSettings(lateness_ms=3_600_000), KEY)
+        host.restore(0, [], {}, None)
+        values = _values()
+        res = host.process(0, TOPIC, list(range(len(values))), values)
+        (row,) = [r for r in res.dead if r[2] == "internal"]
+        assert row[0] == 5 and row[5] == "ev1" and row[4] == "$"
+        assert "KeyError at test_engines.py:" in row[3] and "secret" not in row[3]
+        assert res.events == 5 and {a.rule_id for a in res.alerts} == {"off_hours"}
 
     def test_checkpoint_and_restore(self) -> None:
         """Dirty users' states dump, restore into a fresh host, and replayed events below ``asof`` are skipped."""
