@@ -351,9 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument(
         "--detection-process",
-        choices=("auto", "true", "false"),
         default="auto",
-        help="the worker's detection_process setting (default auto: a child process with 2+ CPUs)",
+        help="the worker's detection_process setting: auto (default: a child process with 2+ CPUs), true, false, or a number of child processes",
     )
     parser.add_argument("--profile", action="store_true", help="profile the hot path in-process instead")
     parser.add_argument("--profile-events", type=int, default=200_000)

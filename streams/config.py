@@ -81,7 +81,10 @@ class Settings:
     max_batch: int = field(default=20000, metadata=_meta("most messages taken from Kafka in one batch"))
     detection_process: str = field(
         default="auto",
-        metadata=_meta("decode, validate and detect in a child process pipelined with the Kafka client: true, false, or auto (true with 2+ CPUs)"),
+        metadata=_meta(
+            "decode, validate and detect in child processes pipelined with the Kafka client: "
+            "true (one), a number of them (partitions are spread over them), false, or auto (one per CPU from 2 CPUs, at most 4)"
+        ),
     )
     session_timeout: float = field(default=10.0, metadata=_meta("seconds without a heartbeat before a worker's partitions go to another"))
     web_host: str = field(default="127.0.0.1", metadata=_meta("address of the web server (metrics, health, console)"))
@@ -114,15 +117,27 @@ class Settings:
             raise ConfigError("session_timeout", "must be between 1 and 300 seconds")
         if not 0 < self.web_port < 65536:
             raise ConfigError("web_port", "must be a TCP port")
-        if self.detection_process not in ("auto", "true", "false"):
-            raise ConfigError("detection_process", "must be true, false or auto")
+        if self.detection_process not in ("auto", "true", "false") and not (
+            self.detection_process.isdigit() and self.detection_process.isascii() and 1 <= int(self.detection_process) <= 64
+        ):
+            raise ConfigError("detection_process", "must be true, false, auto or a number of processes from 1 to 64")
 
     def use_detection_process(self) -> bool:
-        """Whether the worker runs its detectors in a child process (``detection_process``)."""
-        if self.detection_process == "auto":
+        """Whether the worker runs its detectors in child processes (``detection_process``)."""
+        return self.detection_processes() > 0
+
+    def detection_processes(self) -> int:
+        """How many detection child processes the worker runs (0: detection in the worker process)."""
+        value = self.detection_process
+        if value == "auto":
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            return cpus >= 2
-        return self.detection_process == "true"
+            # One child per CPU from two up (the Kafka client side is light), at most four.
+            return min(cpus, 4) if cpus >= 2 else 0
+        if value == "true":
+            return 1
+        if value == "false":
+            return 0
+        return int(value)
 
     @property
     def input_topics(self) -> tuple[str, str]:

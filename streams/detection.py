@@ -98,7 +98,7 @@ from schemas.event import EventCodec
 from schemas.mynumber import Pseudonymizer
 from streams import metrics
 from streams.config import ConfigError, Settings
-from streams.engines import BatchResult, DetectionHost, error_code, has_twelve_digits
+from streams.engines import BatchResult, DetectionHost, DetectionPool, error_code, has_twelve_digits
 from streams.logging import get_logger
 
 __all__ = [
@@ -272,9 +272,13 @@ class DetectionLoop:
         key = pseudonym_key or settings.pseudonym_key_bytes()
         self.codec = EventCodec(Pseudonymizer(key))
         if detection_process is None:
-            detection_process = settings.use_detection_process()
-        #: Runs decoding, validation and the engines, here or in a child process.
-        self.host = DetectionHost(self.rules, self.engine_settings, key, in_child=detection_process)
+            children = settings.detection_processes()
+        else:
+            children = 1 if detection_process else 0
+        #: Runs decoding, validation and the engines, here or in child processes.
+        self.host = DetectionPool(
+            [DetectionHost(self.rules, self.engine_settings, key, in_child=children > 0) for _ in range(max(children, 1))]
+        )
         #: The batch handed to the host and not yet collected: (partition, topic-partition, records) per job.
         self._inflight: list[tuple[_Partition, TopicPartition, list[Any]]] | None = None
         self.worker_name = worker_name or settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"

@@ -60,6 +60,7 @@ from schemas.mynumber import Pseudonymizer
 __all__ = [
     "BatchResult",
     "DetectionHost",
+    "DetectionPool",
     "DetectionProcessError",
     "PartitionEngines",
     "RestoreResult",
@@ -503,3 +504,103 @@ class DetectionHost:
     async def drop(self, numbers: list[int]) -> None:
         """See :meth:`PartitionEngines.drop`."""
         await self._call("drop", numbers)
+
+
+class DetectionPool:
+    """Several :class:`DetectionHost` children behind the interface of one.
+
+    A partition is placed on the child holding the fewest partitions when it is
+    restored, and stays there until it is dropped (its engines live there). A
+    submitted batch is split by child, each child works on its share in
+    parallel, and :meth:`collect` returns the results in the order of the jobs.
+    With one host this adds nothing but a routing step.
+    """
+
+    def __init__(self, hosts: Sequence[DetectionHost]) -> None:
+        if not hosts:
+            raise ValueError("a detection pool needs at least one host")
+        self.hosts = list(hosts)
+        self.in_child = hosts[0].in_child
+        #: Partition number -> index of the host holding its engines.
+        self._placed: dict[int, int] = {}
+        #: Per submitted job: (host index, position among that host's jobs).
+        self._order: list[tuple[int, int]] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The first child's process id (``None`` in process or before :meth:`start`)."""
+        return self.hosts[0].pid
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the running children."""
+        return [h.pid for h in self.hosts if h.pid is not None]
+
+    @property
+    def busy(self) -> bool:
+        """A batch is submitted and not yet collected."""
+        return self._order is not None
+
+    async def start(self) -> None:
+        """Start every child."""
+        await asyncio.gather(*(h.start() for h in self.hosts))
+
+    async def close(self) -> None:
+        """Stop every child."""
+        await asyncio.gather(*(h.close() for h in self.hosts), return_exceptions=True)
+
+    def _host(self, number: int) -> int:
+        placed = self._placed.get(number)
+        if placed is None:
+            load = [0] * len(self.hosts)
+            for index in self._placed.values():
+                load[index] += 1
+            placed = self._placed[number] = load.index(min(load))
+        return placed
+
+    def submit(self, jobs: list[tuple[int, str, list[int], list[bytes | None]]]) -> None:
+        """Hand each child its share of ``(number, topic, offsets, values)`` jobs; :meth:`collect` the results."""
+        if self._order is not None:
+            raise RuntimeError("submit: the previous batch has not been collected")
+        shares: list[list[tuple[int, str, list[int], list[bytes | None]]]] = [[] for _ in self.hosts]
+        order: list[tuple[int, int]] = []
+        for job in jobs:
+            index = self._host(job[0])
+            order.append((index, len(shares[index])))
+            shares[index].append(job)
+        for host, share in zip(self.hosts, shares, strict=True):
+            if share:
+                host.submit(share)
+        self._order = order
+
+    async def collect(self) -> list[BatchResult]:
+        """The results of the submitted jobs, in order."""
+        order, self._order = self._order, None
+        if order is None:
+            return []
+        results = await asyncio.gather(*(h.collect() for h in self.hosts))
+        return [results[index][position] for index, position in order]
+
+    def _idle(self, method: str) -> None:
+        if self._order is not None:
+            raise RuntimeError(f"{method}: a submitted batch has not been collected")
+
+    async def restore(self, number: int, users: list[tuple[str, bytes | None, dict[str, int]]], base: dict[str, int], max_ts: int | None) -> RestoreResult:
+        """See :meth:`PartitionEngines.restore` (places the partition on a child)."""
+        self._idle("restore")
+        return await self.hosts[self._host(number)].restore(number, users, base, max_ts)
+
+    async def checkpoint(self, number: int) -> tuple[list[tuple[str, bytes | None]], int, int]:
+        """See :meth:`PartitionEngines.checkpoint`."""
+        self._idle("checkpoint")
+        return await self.hosts[self._host(number)].checkpoint(number)
+
+    async def drop(self, numbers: list[int]) -> None:
+        """See :meth:`PartitionEngines.drop` (the partitions leave their children)."""
+        self._idle("drop")
+        by_host: dict[int, list[int]] = {}
+        for number in numbers:
+            index = self._placed.pop(number, None)
+            if index is not None:
+                by_host.setdefault(index, []).append(number)
+        await asyncio.gather(*(self.hosts[index].drop(nums) for index, nums in by_host.items()))

@@ -13,7 +13,13 @@ from detectors.rules import load_rules
 from detectors.testing import event
 from schemas.event import Event, EventCodec
 from schemas.mynumber import Pseudonymizer
-from streams.engines import BatchResult, DetectionHost, DetectionProcessError, PartitionEngines
+from streams.engines import (
+    BatchResult,
+    DetectionHost,
+    DetectionPool,
+    DetectionProcessError,
+    PartitionEngines,
+)
 
 KEY = b"test-engines-pseudonym-key-000000"
 TOPIC = "access-events"
@@ -138,3 +144,51 @@ class TestDetectionHost:
                 await host.restore(0, [], {}, None)
         finally:
             await host.close()
+
+
+class TestDetectionPool:
+    """Partitions spread over several children; results as from one host."""
+
+    async def _run(self, children: int) -> list[object]:
+        rules, settings = load_rules(), EngineSettings(lateness_ms=3_600_000)
+        pool = DetectionPool([DetectionHost(rules, settings, KEY, in_child=children > 0) for _ in range(max(children, 1))])
+        await pool.start()
+        try:
+            assert len(pool.pids) == children
+            for number in (0, 1, 2):
+                await pool.restore(number, [], {}, None)
+            values = _values()
+            other = [codec_value(m) for m in range(3)]
+            pool.submit([(2, TOPIC, [0, 1, 2], other), (0, TOPIC, list(range(len(values))), values), (1, TOPIC, [7], [values[0]])])
+            assert pool.busy
+            with pytest.raises(RuntimeError):
+                await pool.checkpoint(0)
+            results = await pool.collect()
+            assert not pool.busy
+            dumps = [await pool.checkpoint(n) for n in (0, 1, 2)]
+            await pool.drop([1, 2])
+            await pool.restore(3, [], {}, None)  # placed where the dropped ones left room
+            return [*_summary(results), [(sorted(u for u, _ in d), users) for d, _ts, users in dumps]]
+        finally:
+            await pool.close()
+
+    async def test_two_children_match_in_process(self) -> None:
+        """Jobs for partitions on different children come back in submission order, identical to one in-process host."""
+        local = await self._run(0)
+        assert await self._run(2) == local
+        assert local[0][0] == 3 and local[1][0] == 6  # the jobs' own results, in order
+
+    async def test_least_loaded_placement(self) -> None:
+        """A new partition goes to the child holding the fewest; a dropped one frees its place."""
+        pool = DetectionPool([DetectionHost(load_rules(), EngineSettings(), KEY, in_child=False) for _ in range(2)])
+        for number in (0, 1, 2):
+            await pool.restore(number, [], {}, None)
+        assert pool._placed == {0: 0, 1: 1, 2: 0}
+        await pool.drop([0, 2])
+        await pool.restore(5, [], {}, None)
+        assert pool._placed == {1: 1, 5: 0}
+
+
+def codec_value(minute: int) -> bytes:
+    """One night-time look-up of another user (for a second partition)."""
+    return EventCodec(Pseudonymizer(KEY)).encode(event(f"2024-11-16T23:{minute:02d}:00+09:00", user="night02", subject="r9", event_id=f"o{minute}"))

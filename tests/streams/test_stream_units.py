@@ -17,7 +17,7 @@ import structlog
 from detectors.rules import load_rules
 from schemas.event import EventError
 from schemas.mynumber import contains_twelve_digits
-from streams.config import Settings, load_settings
+from streams.config import ConfigError, Settings, load_settings
 from streams.detection import _error_code, has_twelve_digits, rules_version
 from streams.logging import REDACTED, configure_logging, get_logger, scrub_personal_numbers
 from streams.worker import topic_specs
@@ -132,6 +132,30 @@ class TestTopicsAndRules:
         changed = [replace(r, params={**r.params, "threshold": 99}) if r.id == "repeated_queries" else r for r in rules]
         assert rules_version(changed) != rules_version(rules)
         assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{8}", rules_version(rules)), "a label must never hold 12 digits in a row"
+
+
+class TestDetectionProcesses:
+    """``detection_process``: how many detection children a worker runs."""
+
+    @pytest.mark.parametrize(("value", "children"), [("false", 0), ("true", 1), ("1", 1), ("3", 3), ("64", 64)])
+    def test_values(self, value: str, children: int) -> None:
+        """false, true and a number give 0, 1 and that many children."""
+        assert load_settings(Settings, env={}, overrides={"detection_process": value}).detection_processes() == children
+
+    def test_auto_uses_the_cpus(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """auto: none on one CPU, one child per CPU from two, at most four."""
+        import os
+
+        settings = load_settings(Settings, env={}, overrides={"detection_process": "auto"})
+        for cpus, children in ((1, 0), (2, 2), (3, 3), (16, 4)):
+            monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)), raising=False)
+            assert settings.detection_processes() == children
+
+    @pytest.mark.parametrize("value", ["0", "65", "two", "-1", "１"])
+    def test_bad_values_name_the_setting(self, value: str) -> None:
+        """Anything else is a configuration error naming the setting."""
+        with pytest.raises(ConfigError, match="detection_process"):
+            load_settings(Settings, env={}, overrides={"detection_process": value})
 
 
 class TestWorkerCommandErrors:
