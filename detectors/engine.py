@@ -708,8 +708,16 @@ class Engine:
             self._sweep_wm = watermark_ms
             self._epoch += 1
         gone: list[str] = []
+        idle: list[str] = []
+        # The two newest users' clocks (see below).
+        newest = second = -NEVER
         for name, user in self.users.items():
             last = user.last_ts
+            if last > second:
+                if last > newest:
+                    newest, second = last, newest
+                else:
+                    second = last
             if user.alerts:
                 # Lateness is per user (one shipper may lag behind the others), so
                 # event-driven sweeps close a user's windows by that user's own
@@ -722,10 +730,18 @@ class Engine:
                 user_mark = watermark_ms if explicit or watermark_ms < last - lateness else last - lateness
                 if user.wake <= user_mark:
                     self._expire(user, user_mark)
-            if last < idle_before or (
-                not keep and not user.alerts and last < watermark_ms and all(s is None for s in user.slots)
-            ):
-                gone.append(name)
+            if last < idle_before:
+                idle.append(name)
+            elif not keep and not user.alerts and last < watermark_ms and all(s is None for s in user.slots):
+                gone.append(name)  # nothing left to keep
+        if idle and not explicit:
+            # Idle users are forgotten only when at least two users' clocks say
+            # the time has passed: one event with a wrong clock (a PC set years
+            # ahead, a forged log line) moves the watermark, but must not wipe
+            # every other user's windows and baselines.
+            before = second - lateness - self.settings.idle_ttl_ms
+            idle = [name for name in idle if self.users[name].last_ts < before]
+        gone += idle
         for name in gone:
             del self.users[name]
             self.dirty.add(name)

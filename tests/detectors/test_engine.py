@@ -108,12 +108,26 @@ class TestSnapshots:
         assert [a.count for a in resumed.values()] == [a.count for a in whole.values()]
 
     def test_idle_users_expire(self) -> None:
-        """Users idle longer than the TTL are forgotten and marked dirty."""
+        """Users idle longer than the TTL (by two other users' clocks) are forgotten and marked dirty."""
         eng = engine(idle_ttl_ms=24 * 3_600_000, lateness_ms=0)
         eng.process(event(NIGHT.format(1), user="old"))
         eng.clear_dirty()
         eng.process(event("2019-02-10T10:00:00+09:00", user="new", mynumber_ref=False))
+        assert "old" in eng.users, "one user's clock alone must not expire the others"
+        eng.process(event("2019-02-10T10:05:00+09:00", user="newer", mynumber_ref=False))
+        eng.process(event("2019-02-10T11:00:00+09:00", user="new", mynumber_ref=False))  # the next hourly sweep
         assert "old" not in eng.users and "old" in eng.dirty
+
+    def test_one_wrong_clock_does_not_wipe_the_partition(self) -> None:
+        """An event years ahead (a PC's wrong clock, a forged line) keeps other users' windows: their look-ups still add up."""
+        eng = Engine(load_rules())
+        base = parse_ts("2024-11-18T10:00:00+09:00")
+        look = [Event(f"a{i}", base + i * 60_000, "alice", "t1", "search", "success", True, subject="r1") for i in range(14)]
+        eng.process_all(look[:5])
+        eng.process(Event("x", parse_ts("2031-01-01T10:00:00+09:00"), "bob", "t9", "search", "success", True, subject="r2"))
+        assert "alice" in eng.users
+        alerts = eng.process_all(look[5:])
+        assert [a.rule_id for a in alerts if a.user == "alice"] == ["repeated_queries"]
 
 
 class TestPerUserWatermark:
