@@ -98,7 +98,7 @@ from schemas.event import EventCodec
 from schemas.mynumber import Pseudonymizer
 from streams import metrics
 from streams.config import ConfigError, Settings
-from streams.engines import BatchResult, DetectionHost, DetectionPool, error_code, has_twelve_digits
+from streams.engines import BatchResult, DetectionHost, DetectionPool, has_twelve_digits
 from streams.logging import get_logger
 
 __all__ = [
@@ -123,8 +123,6 @@ _FENCE_KEY: Final = b"__fence__"
 SLOW_ITERATION_SECONDS: Final = 1.0
 #: A broker is "reachable" for /readyz if it answered within this many seconds.
 BROKER_OK_SECONDS: Final = 30.0
-#: Kept under its old name for callers of this module.
-_error_code = error_code
 
 
 def tune_gc(threshold0: int = 50_000) -> None:

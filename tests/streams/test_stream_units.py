@@ -18,7 +18,8 @@ from detectors.rules import load_rules
 from schemas.event import EventError
 from schemas.mynumber import contains_twelve_digits
 from streams.config import ConfigError, Settings, load_settings
-from streams.detection import _error_code, has_twelve_digits, rules_version
+from streams.detection import rules_version
+from streams.engines import error_code, has_twelve_digits
 from streams.logging import REDACTED, configure_logging, get_logger, scrub_personal_numbers
 from streams.worker import topic_specs
 
@@ -77,7 +78,7 @@ class TestReasonCodes:
     )
     def test_codes(self, error: EventError, code: str) -> None:
         """Known fields keep their code; producer-chosen names collapse to one label."""
-        assert _error_code(error) == code
+        assert error_code(error) == code
 
 
 class TestTwelveDigitCheck:
