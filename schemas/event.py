@@ -251,13 +251,11 @@ class EventCodec:
     event in a batch does not sink the others.
     """
 
-    __slots__ = ("_minutes", "_ts_cache", "pseudonymizer", "tz")
+    __slots__ = ("_minutes", "pseudonymizer", "tz")
 
     def __init__(self, pseudonymizer: Pseudonymizer, tz: tzinfo = DEFAULT_TZ) -> None:
         self.pseudonymizer = pseudonymizer
         self.tz = tz
-        #: Timestamp string -> epoch ms; events of one second share the string.
-        self._ts_cache: dict[str, int] = {}
         #: ``"YYYY-MM-DDThh:mm:" + offset`` -> epoch ms of that minute (see :meth:`_parse_ts`).
         self._minutes: dict[str, int] = {}
 
@@ -278,10 +276,7 @@ class EventCodec:
         version = get("schema_version")
         if version is not None and version != SCHEMA_VERSION:
             raise EventError("schema_version", f"unsupported version {version!r} (expected {SCHEMA_VERSION})")
-        ts = get("ts")
-        ts_ms = self._ts_cache.get(ts) if type(ts) is str else None
-        if ts_ms is None:
-            ts_ms = self._parse_ts(ts)
+        ts_ms = self._parse_ts(get("ts"))
         action = get("action")
         if type(action) is not str or action not in ACTIONS:  # (a list or object is unhashable)
             raise EventError("action", f"must be one of {', '.join(sorted(ACTIONS))}; got {str(action)[:40]!r}")
@@ -331,10 +326,9 @@ class EventCodec:
         )  # fmt: skip
 
     def _parse_ts(self, ts: Any) -> int:
-        """Parse (and remember) one timestamp string.
+        """Parse (and remember the minute of) one timestamp string.
 
-        Log lines share seconds (exact strings are cached) and, far more
-        often, minutes: a string of the form ``YYYY-MM-DDThh:mm:ss[.fff...]``
+        Log lines share minutes: a string of the form ``YYYY-MM-DDThh:mm:ss[.fff...]``
         plus a ``+hh:mm``/``-hh:mm`` offset whose minute and offset were seen
         before only needs its seconds read. Anything else goes through
         :func:`parse_ts` (and teaches the minute cache).
@@ -342,6 +336,12 @@ class EventCodec:
         if type(ts) is not str:
             raise EventError("ts", "required field is missing" if ts is None else "must be a string")
         n = len(ts)
+        if n == 25:
+            # The most common shape, ``YYYY-MM-DDThh:mm:ss+hh:mm``: the general path below, shortened.
+            base = self._minutes.get(ts[:17] + ts[19:])
+            sec = ts[17:19]
+            if base is not None and sec.isdigit() and sec.isascii() and sec < "60":
+                return base + int(sec) * 1000
         if n >= 25 and ts[n - 6] in "+-":
             key = ts[:17] + ts[n - 6 :]
             sec = ts[17:19]
@@ -361,10 +361,6 @@ class EventCodec:
                 ts_ms = parse_ts(ts)
         else:
             ts_ms = parse_ts(ts)
-        cache = self._ts_cache
-        if len(cache) >= _TS_CACHE_SIZE:
-            cache.clear()
-        cache[ts] = ts_ms
         return ts_ms
 
     def _scrub(self, obj: dict[str, Any]) -> dict[str, Any]:
