@@ -122,10 +122,6 @@ class Settings:
         ):
             raise ConfigError("detection_process", "must be true, false, auto or a number of processes from 1 to 64")
 
-    def use_detection_process(self) -> bool:
-        """Whether the worker runs its detectors in child processes (``detection_process``)."""
-        return self.detection_processes() > 0
-
     def detection_processes(self) -> int:
         """How many detection child processes the worker runs (0: detection in the worker process)."""
         value = self.detection_process

@@ -527,11 +527,6 @@ class DetectionPool:
         self._order: list[tuple[int, int]] | None = None
 
     @property
-    def pid(self) -> int | None:
-        """The first child's process id (``None`` in process or before :meth:`start`)."""
-        return self.hosts[0].pid
-
-    @property
     def pids(self) -> list[int]:
         """The process ids of the running children."""
         return [h.pid for h in self.hosts if h.pid is not None]
