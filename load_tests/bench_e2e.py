@@ -157,9 +157,14 @@ def _stat(pid: int) -> list[str] | None:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time so far of a process and its live descendants (Linux /proc).
 
-    The worker's detection child process (``detection_process``) is counted
-    with it: that is the worker's cost.
+    The worker's detection child processes (``detection_process``) are
+    counted with it: that is the worker's cost.
     """
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(the process's own, its live descendants') user + system CPU seconds so far (Linux /proc)."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (st := _stat(int(entry.name))) is not None:
@@ -172,12 +177,19 @@ def cpu_seconds(pid: int) -> float:
             if parent in tree and child not in tree:
                 tree.add(child)
                 grew = True
-    total = 0
+    own = rest = 0
     for p in tree:
         st = _stat(p)
         if st is not None:
-            total += int(st[11]) + int(st[12])
-    return total / os.sysconf("SC_CLK_TCK") if _stat(pid) is not None else float("nan")
+            ticks = int(st[11]) + int(st[12])
+            if p == pid:
+                own += ticks
+            else:
+                rest += ticks
+    if _stat(pid) is None:
+        return float("nan"), float("nan")
+    tick = os.sysconf("SC_CLK_TCK")
+    return own / tick, rest / tick
 
 
 def scrape(base: str) -> dict[str, float]:
@@ -410,15 +422,22 @@ def main(argv: list[str] | None = None) -> int:
             )
         try:
             wait_ready(base, proc)
-            cpu0 = cpu_seconds(proc.pid)
+            own0, kids0 = cpu_split(proc.pid)
+            broker0 = cpu_seconds(broker.pid) if broker.pid else float("nan")
             worker_eps, elapsed = worker_run(base, len(load))
-            cpu_b = cpu_seconds(proc.pid) - cpu0
+            own1, kids1 = cpu_split(proc.pid)
+            broker_cpu = (cpu_seconds(broker.pid) if broker.pid else float("nan")) - broker0
+            cpu_b = own1 + kids1 - own0 - kids0
             m = scrape(base)
             print(
                 f"(b) one worker, all default rules: {worker_eps:,.0f} events/s ({len(load):,} events in {elapsed:.1f}s; "
                 f"{m.get('leakwatch_alerts_total', 0):.0f} alerts, {m.get('leakwatch_events_invalid_total', 0):.0f} dead letters)"
             )
-            print(f"    ratio b/a: {worker_eps / ceil:.2f}; worker CPU {cpu_b / len(load) * 1e6:.1f} us per event ({cpu_b / elapsed:.2f} cores)")
+            print(
+                f"    ratio b/a: {worker_eps / ceil:.2f}; worker CPU {cpu_b / len(load) * 1e6:.1f} us per event ({cpu_b / elapsed:.2f} cores): "
+                f"worker process {(own1 - own0) / len(load) * 1e6:.1f}, detection children {(kids1 - kids0) / len(load) * 1e6:.1f}; "
+                f"broker meanwhile {broker_cpu / elapsed:.2f} cores of {os.cpu_count()}"
+            )
             rate = worker_eps / 2
             codec = EventCodec(Pseudonymizer(KEY.encode()))
             consumed0, cpu0 = scrape(base).get("leakwatch_events_consumed_total", 0.0), cpu_seconds(proc.pid)

@@ -21,6 +21,15 @@ user states for checkpoints. It knows nothing about Kafka: records go in as
   record parsing in aiokafka costs about as much CPU per event as the
   detectors do, so on two cores this nearly doubles what one worker takes.
 
+Several batches may be submitted before the first is collected: the child
+then starts the next as soon as it has replied to the previous one, instead
+of waiting for the worker to fetch and hand it over. Requests are written by
+a helper thread (a batch is megabytes; the pipe takes it only as fast as the
+child reads), so the worker's event loop never blocks on a busy child. A
+batch may also carry a checkpoint request (``submit(..., checkpoint=True)``):
+after the batch the child dumps every partition's dirty users, so writing
+the checkpoint overlaps with the child's work on the next batch.
+
 The child is started with ``spawn`` (no copy of the worker's event loop or
 sockets), ignores SIGINT (a Ctrl-C reaches the worker, which then stops the
 child) and exits when its pipe closes, so a worker killed with SIGKILL
@@ -31,16 +40,17 @@ leaves no child behind. Requests and replies are pickled over one
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import multiprocessing
 import pickle
 import re
 import signal
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import orjson
 
@@ -59,9 +69,11 @@ from schemas.mynumber import Pseudonymizer
 
 __all__ = [
     "BatchResult",
+    "Collected",
     "DetectionHost",
     "DetectionPool",
     "DetectionProcessError",
+    "PartitionCheckpoint",
     "PartitionEngines",
     "RestoreResult",
     "error_code",
@@ -114,6 +126,23 @@ class BatchResult:
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         (self.alerts, self.dead, self.actions, self.events, self.invalid, self.skipped, self.users, self.seconds) = state
+
+
+#: One partition's checkpoint: (dirty users' states, ``None`` for a forgotten
+#: user; the engine's ``max_ts``; users held).
+PartitionCheckpoint: TypeAlias = tuple[list[tuple[str, bytes | None]], int, int]
+
+#: A submitted job: (partition number, topic, offsets, message values).
+Job: TypeAlias = tuple[int, str, Sequence[int], Sequence[bytes | None]]
+
+
+class Collected(NamedTuple):
+    """What :meth:`DetectionHost.collect` returns for one submitted batch."""
+
+    #: One result per job, in submission order.
+    results: list[BatchResult]
+    #: Partition number -> its checkpoint after the batch (only if one was requested).
+    checkpoints: dict[int, PartitionCheckpoint]
 
 
 class RestoreResult:
@@ -221,16 +250,17 @@ class PartitionEngines:
         out.skip_max = dict(slot.skip_max)
         return out
 
-    def checkpoint(self, number: int) -> tuple[list[tuple[str, bytes | None]], int, int]:
+    def checkpoint(self, number: int) -> PartitionCheckpoint:
         """(dirty users' states, ``None`` for a forgotten user; the engine's ``max_ts``; users held)."""
         engine = self.slots[number].engine
         dirty = engine.clear_dirty()
         dump = engine.dump_user
         return [(user, dump(user)) for user in dirty], engine.max_ts, len(engine.users)
 
-    def process_many(self, jobs: Sequence[tuple[int, str, Sequence[int], Sequence[bytes | None]]]) -> list[BatchResult]:
-        """:meth:`process` for each ``(number, topic, offsets, values)``."""
-        return [self.process(*job) for job in jobs]
+    def process_many(self, jobs: Sequence[Job], checkpoint: bool = False) -> Collected:
+        """:meth:`process` for each ``(number, topic, offsets, values)``, then, if asked, :meth:`checkpoint` every partition."""
+        results = [self.process(*job) for job in jobs]
+        return Collected(results, {n: self.checkpoint(n) for n in self.slots} if checkpoint else {})
 
     def process(self, number: int, topic: str, offsets: Sequence[int], values: Sequence[bytes | None]) -> BatchResult:
         """Decode, validate and detect one partition's messages of ``topic``, in offset order.
@@ -377,17 +407,19 @@ class DetectionHost:
     """Runs a :class:`PartitionEngines` in this process or in a child process (see the module doc).
 
     All methods are coroutines so the loop's code is the same either way.
-    :meth:`submit` starts processing a batch; :meth:`collect` returns its
-    results. Any other call first requires that nothing is submitted.
+    :meth:`submit` starts processing a batch; :meth:`collect` returns the
+    results of the oldest batch submitted. Any other call first requires that
+    every submitted batch is collected.
     """
 
     def __init__(self, rules: Sequence[Rule], engine_settings: EngineSettings, pseudonym_key: bytes, *, in_child: bool, gc_threshold: int = 50_000) -> None:
         self.in_child = in_child
         self._local: PartitionEngines | None = None
-        self._submitted: list[BatchResult] | None = None
-        self._pending = False
+        #: Submitted, not yet collected: results (in process) or the request's send (child), oldest first.
+        self._submitted: deque[Any] = deque()
         self._proc: Any = None
         self._conn: Any = None
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._payload = pickle.dumps((list(rules), engine_settings, pseudonym_key, gc_threshold), _PICKLE)
         if not in_child:
             self._local = PartitionEngines(rules, engine_settings, pseudonym_key)
@@ -400,7 +432,12 @@ class DetectionHost:
     @property
     def busy(self) -> bool:
         """A batch is submitted and not yet collected."""
-        return self._pending
+        return bool(self._submitted)
+
+    @property
+    def submitted(self) -> int:
+        """Batches submitted and not yet collected."""
+        return len(self._submitted)
 
     async def start(self) -> None:
         """Start the child process (in-process hosts have nothing to start)."""
@@ -412,6 +449,7 @@ class DetectionHost:
         proc.start()
         child.close()
         self._proc, self._conn = proc, parent
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="leakwatch-detection-send")
         await self._call("users")  # the child is up and its rules load
 
     async def close(self) -> None:
@@ -420,22 +458,26 @@ class DetectionHost:
         if proc is None:
             return
         self._proc = self._conn = None
+        writer, self._writer = self._writer, None
         try:
-            if self._pending:
-                self._pending = False
-                await self._recv(conn)
+            while self._submitted:
+                await self._submitted.popleft()
+                await self._recv(conn, proc)
             conn.send_bytes(pickle.dumps(("stop", ()), _PICKLE))
-            await asyncio.wait_for(self._recv(conn), 10)
+            await asyncio.wait_for(self._recv(conn, proc), 10)
         except Exception:
             pass
+        self._submitted.clear()
         conn.close()
+        if writer is not None:
+            writer.shutdown(wait=False)
         await asyncio.get_running_loop().run_in_executor(None, proc.join, 5)
         if proc.is_alive():
             proc.kill()
 
     # -- requests ---------------------------------------------------------------
 
-    async def _recv(self, conn: Any) -> Any:
+    async def _recv(self, conn: Any, proc: Any = None) -> Any:
         loop = asyncio.get_running_loop()
         if not conn.poll():
             ready = loop.create_future()
@@ -448,7 +490,8 @@ class DetectionHost:
         try:
             status, value = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError) as exc:
-            code = self._proc.exitcode if self._proc is not None else None
+            proc = proc if proc is not None else self._proc
+            code = proc.exitcode if proc is not None else None
             raise DetectionProcessError(f"detection process died (exit code {code})") from exc
         if status != "ok":
             raise DetectionProcessError(f"detection process failed: {value}")
@@ -463,32 +506,40 @@ class DetectionHost:
             raise DetectionProcessError("detection process died") from exc
 
     async def _call(self, method: str, *args: Any) -> Any:
-        if self._pending:
+        if self._submitted:
             raise RuntimeError(f"{method}: a submitted batch has not been collected")
         if self._local is not None:
             return getattr(self._local, method)(*args)
         self._send(method, args)
         return await self._recv(self._conn)
 
-    def submit(self, jobs: list[tuple[int, str, list[int], list[bytes | None]]]) -> None:
-        """Start processing ``(number, topic, offsets, values)`` jobs; :meth:`collect` the results."""
-        if self._pending:
-            raise RuntimeError("submit: the previous batch has not been collected")
-        if self._local is not None:
-            self._submitted = self._local.process_many(jobs)
-        else:
-            self._send("process_many", (jobs,))
-        self._pending = True
+    def submit(self, jobs: list[Job], checkpoint: bool = False) -> None:
+        """Start processing ``(number, topic, offsets, values)`` jobs, then (if ``checkpoint``) dump every partition.
 
-    async def collect(self) -> list[BatchResult]:
-        """The results of the submitted jobs, in order."""
-        if not self._pending:
-            return []
-        self._pending = False
+        Call from the event loop. Earlier batches need not be collected
+        first; :meth:`collect` returns results in submission order.
+        """
         if self._local is not None:
-            out, self._submitted = self._submitted or [], None
-            return out
-        result: list[BatchResult] = await self._recv(self._conn)
+            self._submitted.append(self._local.process_many(jobs, checkpoint))
+            return
+        if self._conn is None or self._writer is None:
+            raise DetectionProcessError("detection process not running")
+        data = pickle.dumps(("process_many", (jobs, checkpoint)), _PICKLE)
+        self._submitted.append(asyncio.get_running_loop().run_in_executor(self._writer, self._conn.send_bytes, data))
+
+    async def collect(self) -> Collected:
+        """The results of the oldest submitted batch (nothing if none is submitted)."""
+        if not self._submitted:
+            return Collected([], {})
+        entry = self._submitted.popleft()
+        if self._local is not None:
+            local: Collected = entry
+            return local
+        try:
+            await entry
+        except (BrokenPipeError, OSError) as exc:
+            raise DetectionProcessError("detection process died") from exc
+        result: Collected = await self._recv(self._conn)
         return result
 
     async def restore(self, number: int, users: list[tuple[str, bytes | None, dict[str, int]]], base: dict[str, int], max_ts: int | None) -> RestoreResult:
@@ -496,9 +547,9 @@ class DetectionHost:
         result: RestoreResult = await self._call("restore", number, users, base, max_ts)
         return result
 
-    async def checkpoint(self, number: int) -> tuple[list[tuple[str, bytes | None]], int, int]:
+    async def checkpoint(self, number: int) -> PartitionCheckpoint:
         """See :meth:`PartitionEngines.checkpoint`."""
-        result: tuple[list[tuple[str, bytes | None]], int, int] = await self._call("checkpoint", number)
+        result: PartitionCheckpoint = await self._call("checkpoint", number)
         return result
 
     async def drop(self, numbers: list[int]) -> None:
@@ -513,7 +564,8 @@ class DetectionPool:
     restored, and stays there until it is dropped (its engines live there). A
     submitted batch is split by child, each child works on its share in
     parallel, and :meth:`collect` returns the results in the order of the jobs.
-    With one host this adds nothing but a routing step.
+    With one host this adds nothing but a routing step. Like a host, the pool
+    takes further batches before the first is collected.
     """
 
     def __init__(self, hosts: Sequence[DetectionHost]) -> None:
@@ -523,8 +575,9 @@ class DetectionPool:
         self.in_child = hosts[0].in_child
         #: Partition number -> index of the host holding its engines.
         self._placed: dict[int, int] = {}
-        #: Per submitted job: (host index, position among that host's jobs).
-        self._order: list[tuple[int, int]] | None = None
+        #: Per submitted batch, oldest first: per job (host index, position among
+        #: that host's jobs), and the hosts that were sent a share.
+        self._orders: deque[tuple[list[tuple[int, int]], list[int]]] = deque()
 
     @property
     def pids(self) -> list[int]:
@@ -534,7 +587,12 @@ class DetectionPool:
     @property
     def busy(self) -> bool:
         """A batch is submitted and not yet collected."""
-        return self._order is not None
+        return bool(self._orders)
+
+    @property
+    def submitted(self) -> int:
+        """Batches submitted and not yet collected."""
+        return len(self._orders)
 
     async def start(self) -> None:
         """Start every child."""
@@ -553,31 +611,32 @@ class DetectionPool:
             placed = self._placed[number] = load.index(min(load))
         return placed
 
-    def submit(self, jobs: list[tuple[int, str, list[int], list[bytes | None]]]) -> None:
-        """Hand each child its share of ``(number, topic, offsets, values)`` jobs; :meth:`collect` the results."""
-        if self._order is not None:
-            raise RuntimeError("submit: the previous batch has not been collected")
-        shares: list[list[tuple[int, str, list[int], list[bytes | None]]]] = [[] for _ in self.hosts]
+    def submit(self, jobs: list[Job], checkpoint: bool = False) -> None:
+        """Hand each child its share of ``(number, topic, offsets, values)`` jobs (every child, for a checkpoint)."""
+        shares: list[list[Job]] = [[] for _ in self.hosts]
         order: list[tuple[int, int]] = []
         for job in jobs:
             index = self._host(job[0])
             order.append((index, len(shares[index])))
             shares[index].append(job)
-        for host, share in zip(self.hosts, shares, strict=True):
-            if share:
-                host.submit(share)
-        self._order = order
+        sent = [i for i, share in enumerate(shares) if share or checkpoint]
+        for i in sent:
+            self.hosts[i].submit(shares[i], checkpoint)
+        self._orders.append((order, sent))
 
-    async def collect(self) -> list[BatchResult]:
-        """The results of the submitted jobs, in order."""
-        order, self._order = self._order, None
-        if order is None:
-            return []
-        results = await asyncio.gather(*(h.collect() for h in self.hosts))
-        return [results[index][position] for index, position in order]
+    async def collect(self) -> Collected:
+        """The results of the oldest submitted batch, in the order of its jobs."""
+        if not self._orders:
+            return Collected([], {})
+        order, sent = self._orders.popleft()
+        collected = dict(zip(sent, await asyncio.gather(*(self.hosts[i].collect() for i in sent)), strict=True))
+        checkpoints: dict[int, PartitionCheckpoint] = {}
+        for c in collected.values():
+            checkpoints.update(c.checkpoints)
+        return Collected([collected[index].results[position] for index, position in order], checkpoints)
 
     def _idle(self, method: str) -> None:
-        if self._order is not None:
+        if self._orders:
             raise RuntimeError(f"{method}: a submitted batch has not been collected")
 
     async def restore(self, number: int, users: list[tuple[str, bytes | None, dict[str, int]]], base: dict[str, int], max_ts: int | None) -> RestoreResult:
@@ -585,7 +644,7 @@ class DetectionPool:
         self._idle("restore")
         return await self.hosts[self._host(number)].restore(number, users, base, max_ts)
 
-    async def checkpoint(self, number: int) -> tuple[list[tuple[str, bytes | None]], int, int]:
+    async def checkpoint(self, number: int) -> PartitionCheckpoint:
         """See :meth:`PartitionEngines.checkpoint`."""
         self._idle("checkpoint")
         return await self.hosts[self._host(number)].checkpoint(number)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -119,7 +120,7 @@ class TestDetectionHost:
             assert host.busy
             with pytest.raises(RuntimeError):
                 await host.checkpoint(0)  # the submitted batch must be collected first
-            results = await host.collect()
+            results = (await host.collect()).results
             dumps, _max_ts, users = await host.checkpoint(0)
             await host.drop([1])
             return [*_summary(results), users, [u for u, _ in dumps]]
@@ -146,6 +147,105 @@ class TestDetectionHost:
             await host.close()
 
 
+def _night_batches(users: int, per_user: int, batches: int, pad: int = 0) -> list[list[tuple[int, str, list[int], list[bytes | None]]]]:
+    """``batches`` batches of look-ups, each by ``users`` users with ``per_user`` events, over partitions 0-2.
+
+    ``pad`` adds that many characters to each event's ``system`` field (to make batches megabytes).
+    """
+    codec = EventCodec(Pseudonymizer(KEY))
+    out = []
+    offset = {0: 0, 1: 0, 2: 0}
+    for b in range(batches):
+        jobs: dict[int, list[bytes | None]] = {0: [], 1: [], 2: []}
+        for u in range(users):
+            for k in range(per_user):
+                minute = b * per_user + k
+                ev = event(f"2024-11-16T22:{minute // 60 % 60:02d}:{minute % 60:02d}+09:00", user=f"u{u}", subject=f"r{k}", event_id=f"e{b}-{u}-{k}")
+                value = codec.encode(ev) if not pad else orjson.dumps({**orjson.loads(codec.encode(ev)), "system": "s" * pad})
+                jobs[u % 3].append(value)
+        batch = []
+        for number, values in jobs.items():
+            batch.append((number, TOPIC, list(range(offset[number], offset[number] + len(values))), values))
+            offset[number] += len(values)
+        out.append(batch)
+    return out
+
+
+class TestPipelining:
+    """Several batches submitted before the first is collected; checkpoints carried with a batch."""
+
+    async def _run(self, children: int, batches: list[list[tuple[int, str, list[int], list[bytes | None]]]], depth: int) -> list[object]:
+        rules, settings = load_rules(), EngineSettings(lateness_ms=3_600_000)
+        pool = DetectionPool([DetectionHost(rules, settings, KEY, in_child=children > 0) for _ in range(max(children, 1))])
+        await pool.start()
+        out: list[object] = []
+        try:
+            for number in (0, 1, 2):
+                await pool.restore(number, [], {}, None)
+            pending = 0
+            for i, batch in enumerate(batches):
+                # a checkpoint with every third batch; the batch after one of them leaves partition 1 out
+                jobs = [j for j in batch if not (i % 3 == 1 and j[0] == 1)]
+                pool.submit(jobs, checkpoint=i % 3 == 0)
+                pending += 1
+                if pending == depth:
+                    got = await pool.collect()
+                    out.append((_summary(got.results), sorted((n, sorted(u for u, _ in d), ts, users) for n, (d, ts, users) in got.checkpoints.items())))
+                    pending -= 1
+            while pool.busy:
+                got = await pool.collect()
+                out.append((_summary(got.results), sorted((n, sorted(u for u, _ in d), ts, users) for n, (d, ts, users) in got.checkpoints.items())))
+            for n in (0, 1, 2):
+                out.append((n, sorted(u for u, _ in (await pool.checkpoint(n))[0])))
+            return out
+        finally:
+            await pool.close()
+
+    async def test_queued_batches_match_one_at_a_time(self) -> None:
+        """Two or three batches in flight, on one or two children, give the results and checkpoints of one batch at a time in process."""
+        batches = _night_batches(users=12, per_user=4, batches=7)
+        reference = await self._run(0, batches, depth=1)
+        assert any(c for _, c in reference[:-1])  # checkpoints did ride along
+        assert any(r[6] for s, _ in reference[:-1] for r in s)  # and alerts were raised
+        for children, depth in ((1, 2), (2, 2), (2, 3), (0, 3)):
+            assert await self._run(children, batches, depth) == reference, (children, depth)
+
+    async def test_checkpoint_with_batch_equals_separate_checkpoint(self) -> None:
+        """A checkpoint carried with a batch holds what checkpoint() right after the batch would."""
+        batch = _night_batches(users=5, per_user=3, batches=1)[0]
+        a, b = PartitionEngines(load_rules(), EngineSettings(), KEY), PartitionEngines(load_rules(), EngineSettings(), KEY)
+        for host in (a, b):
+            for number in (0, 1, 2):
+                host.restore(number, [], {}, None)
+        carried = a.process_many(batch, checkpoint=True)
+        b.process_many(batch)
+        assert carried.checkpoints == {n: b.checkpoint(n) for n in (0, 1, 2)}
+        assert a.process_many([], checkpoint=True).checkpoints == {n: ([], b.checkpoint(n)[1], b.checkpoint(n)[2]) for n in (0, 1, 2)}
+
+    async def test_megabyte_batches_and_replies_do_not_deadlock(self) -> None:
+        """Batches and checkpoint replies far larger than the pipe's buffer, three in flight, all come back in order.
+
+        Were requests written from the event loop itself, the worker would block
+        writing the second batch while the child blocks writing the first reply.
+        """
+        batches = _night_batches(users=300, per_user=6, batches=3, pad=500)
+        assert sum(len(v or b"") for j in batches[0] for v in j[3]) > 1_000_000
+        host = DetectionHost(load_rules(), EngineSettings(lateness_ms=3_600_000), KEY, in_child=True)
+        await host.start()
+        try:
+            for number in (0, 1, 2):
+                await host.restore(number, [], {}, None)
+            for batch in batches:
+                host.submit(batch, checkpoint=True)
+            assert host.submitted == 3
+            got = [await asyncio.wait_for(host.collect(), 120) for _ in batches]
+            assert [sum(r.events for r in g.results) for g in got] == [1800] * 3
+            assert [len(g.checkpoints[0][0]) for g in got] == [100] * 3  # every user of partition 0 changed in every batch
+            assert not host.busy
+        finally:
+            await host.close()
+
+
 class TestDetectionPool:
     """Partitions spread over several children; results as from one host."""
 
@@ -163,7 +263,7 @@ class TestDetectionPool:
             assert pool.busy
             with pytest.raises(RuntimeError):
                 await pool.checkpoint(0)
-            results = await pool.collect()
+            results = (await pool.collect()).results
             assert not pool.busy
             dumps = [await pool.checkpoint(n) for n in (0, 1, 2)]
             await pool.drop([1, 2])
