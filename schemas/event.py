@@ -337,11 +337,17 @@ class EventCodec:
             raise EventError("ts", "required field is missing" if ts is None else "must be a string")
         n = len(ts)
         if n == 25:
-            # The most common shape, ``YYYY-MM-DDThh:mm:ss+hh:mm``: the general path below, shortened.
+            # The most common shapes, ``YYYY-MM-DDThh:mm:ss+hh:mm`` and (below)
+            # ``YYYY-MM-DDThh:mm:ss.fff+hh:mm``: the general path, shortened.
             base = self._minutes.get(ts[:17] + ts[19:])
             sec = ts[17:19]
             if base is not None and sec.isdigit() and sec.isascii() and sec < "60":
                 return base + int(sec) * 1000
+        elif n == 29 and ts[19] == ".":
+            base = self._minutes.get(ts[:17] + ts[23:])
+            ms = ts[17:19] + ts[20:23]  # seconds and milliseconds: "ssfff"
+            if base is not None and ms.isdigit() and ms.isascii() and ms < "60000":
+                return base + int(ms)
         if n >= 25 and ts[n - 6] in "+-":
             key = ts[:17] + ts[n - 6 :]
             sec = ts[17:19]

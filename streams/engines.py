@@ -292,6 +292,7 @@ class PartitionEngines:
         actions: list[str] = []
         add_action = actions.append
         skipped = 0
+        one: list[Any] = [None]
         for i, value in enumerate(values):
             if not value:
                 dead.append((i, None, "$.empty", "empty message", "$", None))
@@ -303,7 +304,8 @@ class PartitionEngines:
                 continue
             scrub = scrub_any and has_twelve_digits(value)
             if type(doc) is dict:
-                items: list[Any] = [doc]
+                one[0] = doc  # (one event per message, as log shippers send: no new list, no enumerate)
+                items: list[Any] = one
                 array = False
             elif type(doc) is list:
                 items = doc
@@ -312,7 +314,9 @@ class PartitionEngines:
                 exc_ = EventError("$", f"an event must be a JSON object, got {type(doc).__name__}")
                 dead.append((i, None, error_code(exc_), exc_.reason, exc_.field, None))
                 continue
-            for j, item in enumerate(items):
+            j = -1
+            for item in items:
+                j += 1
                 try:
                     ev = from_dict(item, scrub)
                 except EventError as exc:

@@ -20,7 +20,12 @@ def _parse(fn: object, ts: str) -> object:
 
 _offsets = st.integers(min_value=-14 * 60, max_value=14 * 60).map(lambda m: timezone(timedelta(minutes=m)))
 _times = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2100, 1, 1), timezones=_offsets)
-_fracs = st.one_of(st.just(""), st.text(alphabet="0123456789", min_size=1, max_size=9).map(lambda d: "." + d))
+_fracs = st.one_of(
+    st.just(""),
+    st.text(alphabet="0123456789", min_size=1, max_size=9).map(lambda d: "." + d),
+    # milliseconds (the 29-character fast path), some of them corrupted
+    st.text(alphabet="0123456789x \u0661", min_size=3, max_size=3).map(lambda d: "." + d),
+)
 _noise = st.text(alphabet="0123456789.:+-TZ ,x\u0661", min_size=0, max_size=4)
 
 
@@ -53,3 +58,14 @@ class TestMinuteCache:
         expected = int((datetime(2024, 11, 17, 23, 30, 59, 999000, tzinfo=UTC)).timestamp() * 1000)
         assert codec._parse_ts("2024-11-18T08:30:59.9999+09:00") == expected
         assert len(codec._minutes) == 1
+
+    def test_milliseconds_read_from_cache(self) -> None:
+        """``ss.fff`` strings of a known minute are read from the cache; bad digits still fail as in ``parse_ts``."""
+        codec = EventCodec(Pseudonymizer(b"k" * 32))
+        codec._parse_ts("2024-11-18T08:30:00+09:00")
+        minute = codec._minutes["2024-11-18T08:30:+09:00"]
+        assert codec._parse_ts("2024-11-18T08:30:07.042+09:00") == minute + 7042
+        assert codec._parse_ts("2024-11-18T08:30:59.999+09:00") == minute + 59999
+        for bad in ("2024-11-18T08:30:60.000+09:00", "2024-11-18T08:30:07.0x2+09:00", "2024-11-18T08:30:07.\u0661\u0662\u0663+09:00"):
+            assert _parse(codec._parse_ts, bad) == _parse(parse_ts, bad)
+            assert isinstance(_parse(codec._parse_ts, bad), tuple), bad
