@@ -239,10 +239,11 @@ def worker_run(base: str, total: int) -> tuple[float, float]:
 
 async def latency(
     settings: Settings, codec: EventCodec, background: Iterable[Event], rate: float, seconds: float
-) -> tuple[list[tuple[float, float]], float]:
+) -> tuple[list[tuple[float, float]], float, float]:
     """Ingest-to-alert latencies of injected night look-ups under ``rate`` events/s of background load.
 
-    Returns ([(seconds since start, latency s)], achieved background rate).
+    Returns ([(seconds since start, latency s)], achieved background rate,
+    this load generator's CPU in cores while sending).
     Background messages are encoded before the clock starts, so the load
     generator takes as little CPU from the worker as it can.
     """
@@ -277,6 +278,7 @@ async def latency(
     tick = 0.02
     per_tick = max(1, int(rate * tick))
     started = time.perf_counter()
+    cpu_started = time.process_time()
     n = 0
     sent = 0
     injected = 0
@@ -297,6 +299,7 @@ async def latency(
             if delay > 0:
                 await asyncio.sleep(delay)
         achieved = sent / (time.perf_counter() - started)
+        generator_cores = (time.process_time() - cpu_started) / (time.perf_counter() - started)
         deadline = time.perf_counter() + 15
         while len(got) < len(sent_at) and time.perf_counter() < deadline:
             await asyncio.sleep(0.1)
@@ -309,7 +312,7 @@ async def latency(
     missing = len(sent_at) - len(got)
     if missing:
         print(f"  latency: {missing} of {len(sent_at)} injected alerts did not arrive within 15 s")
-    return [(sent_at[u] - started, got[u] - sent_at[u]) for u in got], achieved
+    return [(sent_at[u] - started, got[u] - sent_at[u]) for u in got], achieved, generator_cores
 
 
 def profile_hot_path(events: list[Event], settings: Settings, top: int = 30) -> None:
@@ -441,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             rate = worker_eps / 2
             codec = EventCodec(Pseudonymizer(KEY.encode()))
             consumed0, cpu0 = scrape(base).get("leakwatch_events_consumed_total", 0.0), cpu_seconds(proc.pid)
-            timed, achieved = asyncio.run(latency(settings, codec, live, rate, args.latency_seconds))
+            timed, achieved, generator_cores = asyncio.run(latency(settings, codec, live, rate, args.latency_seconds))
             live_events = scrape(base).get("leakwatch_events_consumed_total", 0.0) - consumed0
             cpu_live = cpu_seconds(proc.pid) - cpu0
             lat_ms = sorted(x * 1000 for _, x in timed)
@@ -459,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             m2 = scrape(base)
             print(
                 f"    worker lag at the end: {m2.get('leakwatch_consumer_lag', 0):.0f} messages; "
-                f"worker CPU {cpu_live / max(live_events, 1) * 1e6:.1f} us per event while live"
+                f"worker CPU {cpu_live / max(live_events, 1) * 1e6:.1f} us per event while live; "
+                f"this load generator {generator_cores:.2f} cores"
             )
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -524,10 +524,12 @@ class DetectionLoop:
                 # while this one was fetched. Hand it the new one at once (with
                 # a checkpoint request when one is due), then apply the oldest
                 # results, keeping up to ``depth`` batches in the host's hands
-                # while data keeps coming and none when it stops.
+                # while data keeps coming and none when it stops; results
+                # already there are applied at once (latency).
                 due = now - last_checkpoint >= interval
                 submitted = bool(batch) and self._submit(batch, checkpoint=due)
-                while len(self._inflight) > (depth - 1 if submitted else 0):
+                keep = depth - 1 if submitted else 0
+                while self._inflight and (len(self._inflight) > keep or self.host.ready()):
                     await self._apply_next()
                 t3 = time.monotonic()
                 if due:

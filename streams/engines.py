@@ -443,6 +443,18 @@ class DetectionHost:
         """Batches submitted and not yet collected."""
         return len(self._submitted)
 
+    def ready(self) -> bool:
+        """The oldest submitted batch's results can be collected without waiting."""
+        if not self._submitted:
+            return False
+        if self._local is not None:
+            return True
+        sent = self._submitted[0]
+        try:
+            return bool(sent.done() and self._conn is not None and self._conn.poll())
+        except (EOFError, OSError):
+            return True  # collect() reports the dead child
+
     async def start(self) -> None:
         """Start the child process (in-process hosts have nothing to start)."""
         if not self.in_child or self._proc is not None:
@@ -597,6 +609,10 @@ class DetectionPool:
     def submitted(self) -> int:
         """Batches submitted and not yet collected."""
         return len(self._orders)
+
+    def ready(self) -> bool:
+        """The oldest submitted batch's results can be collected without waiting."""
+        return bool(self._orders) and all(self.hosts[i].ready() for i in self._orders[0][1])
 
     async def start(self) -> None:
         """Start every child."""

@@ -222,6 +222,29 @@ class TestPipelining:
         assert carried.checkpoints == {n: b.checkpoint(n) for n in (0, 1, 2)}
         assert a.process_many([], checkpoint=True).checkpoints == {n: ([], b.checkpoint(n)[1], b.checkpoint(n)[2]) for n in (0, 1, 2)}
 
+    async def test_ready_says_when_results_wait(self) -> None:
+        """``ready()`` is false with nothing submitted and true once the oldest batch's results are back, in process or in children."""
+        batch = _night_batches(users=6, per_user=2, batches=1)[0]
+        for children in (0, 2):
+            pool = DetectionPool([DetectionHost(load_rules(), EngineSettings(), KEY, in_child=children > 0) for _ in range(max(children, 1))])
+            await pool.start()
+            try:
+                for number in (0, 1, 2):
+                    await pool.restore(number, [], {}, None)
+                assert not pool.ready()
+                pool.submit(batch)
+                pool.submit(batch[:1])
+                for _ in range(600):
+                    if pool.ready():
+                        break
+                    await asyncio.sleep(0.05)
+                assert pool.ready()
+                assert len((await pool.collect()).results) == 3
+                assert len((await pool.collect()).results) == 1
+                assert not pool.ready()
+            finally:
+                await pool.close()
+
     async def test_megabyte_batches_and_replies_do_not_deadlock(self) -> None:
         """Batches and checkpoint replies far larger than the pipe's buffer, three in flight, all come back in order.
 
