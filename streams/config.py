@@ -77,6 +77,10 @@ class Settings:
     pseudonym_key: str = field(default="", metadata=_meta("HMAC key for personal-number pseudonyms (>= 16 bytes)", secret=True))
     tz: str = field(default="Asia/Tokyo", metadata=_meta("time zone for reports, mails and day windows"))
     lateness: str = field(default="1h", metadata=_meta("allowed lateness of out-of-order events"))
+    max_ahead: str = field(
+        default="1d",
+        metadata=_meta("an event time further than this ahead of its Kafka message's timestamp is dead-lettered (a wrong clock); 0 turns the check off"),
+    )
     checkpoint_interval: float = field(default=1.0, metadata=_meta("seconds between checkpoints and offset commits"))
     max_batch: int = field(default=20000, metadata=_meta("most messages taken from Kafka in one batch"))
     detection_process: str = field(

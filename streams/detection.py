@@ -109,6 +109,7 @@ from streams.engines import (
     BatchResult,
     DetectionHost,
     DetectionPool,
+    Job,
     PartitionCheckpoint,
     has_twelve_digits,
 )
@@ -278,6 +279,10 @@ class DetectionLoop:
             lateness_ms = parse_duration(settings.lateness)
         except ValueError as exc:
             raise ConfigError("lateness", str(exc)) from None
+        try:
+            max_ahead_ms = parse_duration(settings.max_ahead) if settings.max_ahead.strip() not in ("0", "") else 0
+        except ValueError as exc:
+            raise ConfigError("max_ahead", str(exc)) from None
         self.rules = list(rules) if rules is not None else load_rules_for(settings)
         self.engine_settings = EngineSettings(lateness_ms=lateness_ms)
         self.calendar = calendar_from_rules([r for r in self.rules if r.enabled])
@@ -292,7 +297,10 @@ class DetectionLoop:
             children = 1 if detection_process else 0
         #: Runs decoding, validation and the engines, here or in child processes.
         self.host = DetectionPool(
-            [DetectionHost(self.rules, self.engine_settings, key, in_child=children > 0) for _ in range(max(children, 1))]
+            [
+                DetectionHost(self.rules, self.engine_settings, key, in_child=children > 0, max_ahead_ms=max_ahead_ms)
+                for _ in range(max(children, 1))
+            ]
         )
         #: Batches handed to the host and not yet collected, oldest first: (partition,
         #: topic-partition, records) per job, and whether a checkpoint rides with it.
@@ -572,7 +580,7 @@ class DetectionLoop:
         With ``checkpoint`` the host dumps every partition's dirty users after
         the batch, and the checkpoint is written when the batch is applied.
         """
-        jobs: list[tuple[int, str, list[int], list[bytes | None]]] = []
+        jobs: list[Job] = []
         inflight: list[tuple[_Partition, TopicPartition, list[Any]]] = []
         messages = 0
         parts = self.parts
@@ -587,7 +595,7 @@ class DetectionLoop:
                     continue
             part.expected[tp.topic] = records[-1].offset + 1
             messages += len(records)
-            jobs.append((part.number, tp.topic, [r.offset for r in records], [r.value for r in records]))
+            jobs.append((part.number, tp.topic, [r.offset for r in records], [r.value for r in records], [r.timestamp for r in records]))
             inflight.append((part, tp, records))
         self.stats.batches += 1
         self.stats.messages += messages

@@ -68,11 +68,13 @@ from schemas.event import (
 from schemas.mynumber import Pseudonymizer
 
 __all__ = [
+    "AHEAD_CODE",
     "BatchResult",
     "Collected",
     "DetectionHost",
     "DetectionPool",
     "DetectionProcessError",
+    "Job",
     "PartitionCheckpoint",
     "PartitionEngines",
     "RestoreResult",
@@ -132,8 +134,8 @@ class BatchResult:
 #: user; the engine's ``max_ts``; users held).
 PartitionCheckpoint: TypeAlias = tuple[list[tuple[str, bytes | None]], int, int]
 
-#: A submitted job: (partition number, topic, offsets, message values).
-Job: TypeAlias = tuple[int, str, Sequence[int], Sequence[bytes | None]]
+#: A submitted job: (partition number, topic, offsets, message values[, Kafka timestamps]).
+Job: TypeAlias = tuple[int, str, Sequence[int], Sequence[bytes | None]] | tuple[int, str, Sequence[int], Sequence[bytes | None], Sequence[int]]
 
 
 class Collected(NamedTuple):
@@ -171,6 +173,8 @@ class RestoreResult:
 
 #: The reason given for an event the engine refused as late.
 _LATE_REASON: Final = "late: beyond allowed lateness"
+#: Dead-letter code of an event time too far ahead of its message's Kafka timestamp.
+AHEAD_CODE: Final = "ts.ahead"
 
 
 class _Slot:
@@ -189,9 +193,12 @@ class _Slot:
 class PartitionEngines:
     """One engine per partition number, fed raw message values (synchronous, no I/O)."""
 
-    def __init__(self, rules: Sequence[Rule], engine_settings: EngineSettings, pseudonym_key: bytes) -> None:
+    def __init__(self, rules: Sequence[Rule], engine_settings: EngineSettings, pseudonym_key: bytes, max_ahead_ms: int = 0) -> None:
         self.rules = list(rules)
         self.engine_settings = engine_settings
+        #: Events whose time is more than this ahead of their message's Kafka timestamp are dead-lettered (0: no check).
+        self.max_ahead_ms = max_ahead_ms
+        self._ahead_reason = f"ahead: more than {_duration_text(max_ahead_ms)} after its Kafka message's timestamp (a wrong clock?)"
         self.calendar = calendar_from_rules([r for r in self.rules if r.enabled])
         self.codec = EventCodec(Pseudonymizer(pseudonym_key))
         self.slots: dict[int, _Slot] = {}
@@ -262,8 +269,17 @@ class PartitionEngines:
         results = [self.process(*job) for job in jobs]
         return Collected(results, {n: self.checkpoint(n) for n in self.slots} if checkpoint else {})
 
-    def process(self, number: int, topic: str, offsets: Sequence[int], values: Sequence[bytes | None]) -> BatchResult:
+    def process(
+        self, number: int, topic: str, offsets: Sequence[int], values: Sequence[bytes | None], stamps: Sequence[int] | None = None
+    ) -> BatchResult:
         """Decode, validate and detect one partition's messages of ``topic``, in offset order.
+
+        ``stamps`` are the messages' Kafka timestamps (epoch ms, negative if
+        unknown): an event more than ``max_ahead_ms`` after its message's is
+        dead-lettered (code ``ts.ahead``) before the engine sees it. One
+        event from a machine whose clock is years ahead would otherwise move
+        the partition's event time, and with it the sweeps that close findings,
+        years ahead.
 
         One pass, one message at a time: each decoded dict is validated and
         handed to the engine at once and dropped, so a batch never keeps
@@ -292,6 +308,8 @@ class PartitionEngines:
         actions: list[str] = []
         add_action = actions.append
         skipped = 0
+        max_ahead = self.max_ahead_ms
+        check_ahead = bool(max_ahead) and stamps is not None
         one: list[Any] = [None]
         for i, value in enumerate(values):
             if not value:
@@ -321,6 +339,9 @@ class PartitionEngines:
                     ev = from_dict(item, scrub)
                 except EventError as exc:
                     dead.append((i, j if array else None, error_code(exc), exc.reason, exc.field, None))
+                    continue
+                if check_ahead and ev.ts_ms > stamps[i] + max_ahead and stamps[i] >= 0:  # type: ignore[index]
+                    dead.append((i, j if array else None, AHEAD_CODE, self._ahead_reason, "ts", ev.event_id))
                     continue
                 if skip:
                     limit = skip.get((topic, ev.user))
@@ -357,6 +378,14 @@ class PartitionEngines:
 _ERROR_FIELDS: Final = frozenset(("$", *REQUIRED_FIELDS, *OPTIONAL_STR_FIELDS, *OPTIONAL_INT_FIELDS, "schema_version", "pii_scrubbed"))
 
 
+def _duration_text(ms: int) -> str:
+    """``86400000`` -> ``"1d"``; the largest whole unit of days, hours, minutes, seconds."""
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
 def _internal_reason(exc: Exception) -> str:
     """Why an event failed inside the detectors: the exception type and where (no message: it may quote the event)."""
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
@@ -380,8 +409,8 @@ def _child_main(conn: Any, payload: bytes) -> None:  # pragma: no cover - runs i
     """Serve requests from the worker until the pipe closes or ``stop`` comes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    rules, engine_settings, key, gc_threshold = pickle.loads(payload)
-    engines = PartitionEngines(rules, engine_settings, key)
+    rules, engine_settings, key, gc_threshold, max_ahead_ms = pickle.loads(payload)
+    engines = PartitionEngines(rules, engine_settings, key, max_ahead_ms)
     import gc
 
     gc.collect()
@@ -416,7 +445,16 @@ class DetectionHost:
     every submitted batch is collected.
     """
 
-    def __init__(self, rules: Sequence[Rule], engine_settings: EngineSettings, pseudonym_key: bytes, *, in_child: bool, gc_threshold: int = 50_000) -> None:
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        engine_settings: EngineSettings,
+        pseudonym_key: bytes,
+        *,
+        in_child: bool,
+        gc_threshold: int = 50_000,
+        max_ahead_ms: int = 0,
+    ) -> None:
         self.in_child = in_child
         self._local: PartitionEngines | None = None
         #: Submitted, not yet collected: results (in process) or the request's send (child), oldest first.
@@ -424,9 +462,9 @@ class DetectionHost:
         self._proc: Any = None
         self._conn: Any = None
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._payload = pickle.dumps((list(rules), engine_settings, pseudonym_key, gc_threshold), _PICKLE)
+        self._payload = pickle.dumps((list(rules), engine_settings, pseudonym_key, gc_threshold, max_ahead_ms), _PICKLE)
         if not in_child:
-            self._local = PartitionEngines(rules, engine_settings, pseudonym_key)
+            self._local = PartitionEngines(rules, engine_settings, pseudonym_key, max_ahead_ms)
 
     @property
     def pid(self) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -121,7 +122,7 @@ class TestDeadLetters:
     """Malformed and late events go to the dead-letter topic with their original bytes; the loop keeps going."""
 
     async def test_malformed_and_late_events(self, broker: BrokerProcess) -> None:
-        """Bad JSON, missing field, wrong type, a personal number as timestamp, bad array elements, late events: all dead-lettered."""
+        """Bad JSON, missing field, wrong type, a personal number as timestamp, bad array elements, late and wrong-clock events: all dead-lettered."""
         settings = make_settings(broker, "dlq")
         await create_topics(settings)
 
@@ -154,24 +155,26 @@ class TestDeadLetters:
         late_message = orjson.dumps(doc(9, 0, ts="2024-11-19T09:00:00+09:00"))  # 4 h behind the user's newest event
         messages: list[bytes | None] = [orjson.dumps(doc(1, 1))]
         messages += [m[0] for m in bad_messages]
-        messages += [array_message, orjson.dumps(doc(10, 10, ts="2024-11-19T13:10:00+09:00")), late_message]
+        # Years after the message's Kafka timestamp (now): a wrong clock.
+        ahead_message = orjson.dumps(doc(11, 0, ts=f"{datetime.now(UTC).year + 5}-01-01T10:00:00+09:00"))
+        messages += [array_message, orjson.dumps(doc(10, 10, ts="2024-11-19T13:10:00+09:00")), late_message, ahead_message]
         # Ten more look-ups of the same record afterwards: the loop still detects.
         messages += [orjson.dumps(doc(20 + i, 20 + i, ts=f"2024-11-19T13:{20 + i:02d}:00+09:00")) for i in range(10)]
 
         invalid_before = {
             code: metrics.REGISTRY.get_sample_value("leakwatch_events_invalid_total", {"reason": code}) or 0
-            for code in {b[1] for b in bad_messages} | {"result.must", "late"}
+            for code in {b[1] for b in bad_messages} | {"result.must", "late", "ts.ahead"}
         }
         async with running_loop(settings) as loop:
             await produce_raw(settings, settings.topic_access, [(b"u-dlq", m) for m in messages])
             async with TopicReader(settings, settings.topic_dlq) as dlq, TopicReader(settings, settings.topic_alerts) as alerts:
-                await dlq.until(lambda r: len(r) >= len(bad_messages) + 2)
+                await dlq.until(lambda r: len(r) >= len(bad_messages) + 3)
                 await alerts.until(lambda r: any(orjson.loads(x.value)["rule_id"] == "repeated_queries" for x in r))
                 await dlq.settle(0.5)
             assert loop.running
 
         by_offset = {int(_headers(r)["source_offset"]): r for r in dlq.records}
-        assert len(by_offset) == len(dlq.records) == len(bad_messages) + 2
+        assert len(by_offset) == len(dlq.records) == len(bad_messages) + 3
         partition = {int(_headers(r)["source_partition"]) for r in dlq.records}
         assert len(partition) == 1
         for offset, (value, code, fieldname, reason) in enumerate(bad_messages, start=1):
@@ -188,6 +191,10 @@ class TestDeadLetters:
         assert late.value == late_message
         assert _headers(late)["reason"] == "late: beyond allowed lateness"
         assert _headers(late)["event_id"] == "d9"
+        ahead = by_offset[len(bad_messages) + 4]
+        assert ahead.value == ahead_message
+        assert (_headers(ahead)["code"], _headers(ahead)["field"], _headers(ahead)["event_id"]) == ("ts.ahead", "ts", "d11")
+        assert metrics.REGISTRY.get_sample_value("leakwatch_events_invalid_total", {"reason": "ts.ahead"}) == invalid_before["ts.ahead"] + 1
         for record in dlq.records:
             for _, v in record.headers:
                 assert not contains_twelve_digits(v)

@@ -12,7 +12,7 @@ import pytest
 from detectors.engine import Engine, EngineSettings
 from detectors.rules import load_rules
 from detectors.testing import event
-from schemas.event import Event, EventCodec
+from schemas.event import Event, EventCodec, parse_ts
 from schemas.mynumber import Pseudonymizer
 from streams.engines import (
     BatchResult,
@@ -60,6 +60,37 @@ class TestPartitionEngines:
         assert {a.rule_id for a in res.alerts} == {"off_hours"}
         late = [r for r in res.dead if r[2] == "late"]
         assert late[0][5] == "late1" and late[0][4] == "ts"
+
+    def test_event_far_ahead_of_its_message_is_dead_lettered(self) -> None:
+        """An event more than ``max_ahead_ms`` after its Kafka timestamp is a ``ts.ahead`` dead letter and leaves the engine's time alone."""
+        codec = EventCodec(Pseudonymizer(KEY))
+        sent = parse_ts("2024-11-16T22:30:00+09:00")
+        values: list[bytes | None] = [
+            codec.encode(event("2024-11-16T22:00:00+09:00", user="a", event_id="ok-past")),
+            codec.encode(event("2024-11-17T21:00:00+09:00", user="b", event_id="ok-ahead-22h30m")),
+            codec.encode(event("2031-01-01T10:00:00+09:00", user="c", event_id="wrong-clock")),
+            orjson.dumps([orjson.loads(codec.encode(event("2024-11-16T22:10:00+09:00", user="d", event_id="in-array"))),
+                          orjson.loads(codec.encode(event("2024-11-18T22:10:00+09:00", user="d", event_id="array-ahead")))]),
+            codec.encode(event("2031-01-01T10:00:00+09:00", user="e", event_id="no-timestamp")),
+        ]  # fmt: skip
+        stamps = [sent, sent, sent, sent, -1]
+        host = PartitionEngines(load_rules(), EngineSettings(lateness_ms=3_600_000), KEY, max_ahead_ms=86_400_000)
+        host.restore(0, [], {}, None)
+        res = host.process(0, TOPIC, list(range(len(values))), values, stamps)
+        assert [(i, j, code, field, eid) for i, j, code, _r, field, eid in res.dead] == [
+            (2, None, "ts.ahead", "ts", "wrong-clock"),
+            (3, 1, "ts.ahead", "ts", "array-ahead"),
+        ]
+        assert res.dead[0][3] == "ahead: more than 1d after its Kafka message's timestamp (a wrong clock?)"
+        assert res.events == 4 and res.invalid == 2
+        assert host.slots[0].engine.max_ts == parse_ts("2031-01-01T10:00:00+09:00")  # unknown timestamp (-1): not checked
+        off = PartitionEngines(load_rules(), EngineSettings(lateness_ms=3_600_000), KEY)  # max_ahead_ms=0: no check
+        off.restore(0, [], {}, None)
+        assert off.process(0, TOPIC, list(range(len(values))), values, stamps).dead == []
+        checked = PartitionEngines(load_rules(), EngineSettings(lateness_ms=3_600_000), KEY, max_ahead_ms=86_400_000)
+        checked.restore(0, [], {}, None)
+        checked.process(0, TOPIC, list(range(4)), values[:4], stamps[:4])
+        assert checked.slots[0].engine.max_ts == parse_ts("2024-11-17T21:00:00+09:00")
 
     def test_detector_bug_dead_letters_the_event(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """An exception inside the detectors dead-letters that event (type and place, never its content) and the batch goes on."""
