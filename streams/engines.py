@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import multiprocessing
 import pickle
 import re
@@ -513,15 +514,18 @@ class DetectionHost:
             return
         self._proc = self._conn = None
         writer, self._writer = self._writer, None
-        try:
-            while self._submitted:
-                await self._submitted.popleft()
+        submitted = self._submitted
+
+        async def drain_and_stop() -> None:
+            while submitted:  # (results nobody collects: the child finishes them first)
+                await submitted.popleft()
                 await self._recv(conn, proc)
             conn.send_bytes(pickle.dumps(("stop", ()), _PICKLE))
-            await asyncio.wait_for(self._recv(conn, proc), 10)
-        except Exception:
-            pass
-        self._submitted.clear()
+            await self._recv(conn, proc)
+
+        with contextlib.suppress(Exception):  # a stuck or dead child: killed below
+            await asyncio.wait_for(drain_and_stop(), 10)
+        submitted.clear()
         conn.close()
         if writer is not None:
             writer.shutdown(wait=False)

@@ -276,6 +276,24 @@ class TestPipelining:
             finally:
                 await pool.close()
 
+    async def test_close_with_batches_in_flight(self) -> None:
+        """Closing a host with uncollected batches lets the child finish them and stop; nothing is left running."""
+        batches = _night_batches(users=100, per_user=4, batches=2, pad=400)
+        host = DetectionHost(load_rules(), EngineSettings(lateness_ms=3_600_000), KEY, in_child=True)
+        await host.start()
+        pid = host.pid
+        assert pid is not None
+        for number in (0, 1, 2):
+            await host.restore(number, [], {}, None)
+        for batch in batches:
+            host.submit(batch, checkpoint=True)
+        await asyncio.wait_for(host.close(), 60)
+        assert not host.busy and host.pid is None
+        with pytest.raises(ProcessLookupError):
+            for _ in range(100):
+                os.kill(pid, 0)  # until it is reaped
+                await asyncio.sleep(0.05)
+
     async def test_megabyte_batches_and_replies_do_not_deadlock(self) -> None:
         """Batches and checkpoint replies far larger than the pipe's buffer, three in flight, all come back in order.
 
