@@ -459,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"median first half {statistics.median(first) if first else float('nan'):.0f} ms, "
                 f"second half {statistics.median(second) if second else float('nan'):.0f} ms"
             )
+            buckets: dict[int, list[float]] = {}
+            for t, x in timed:
+                buckets.setdefault(int(t // 2), []).append(x * 1000)
+            print("    median latency per 2 s: " + " ".join(f"{statistics.median(v):.0f}" for _, v in sorted(buckets.items())) + " ms")
             m2 = scrape(base)
             print(
                 f"    worker lag at the end: {m2.get('leakwatch_consumer_lag', 0):.0f} messages; "

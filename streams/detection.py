@@ -54,8 +54,9 @@ c. only then are the input offsets committed.
 
 The periodic checkpoint rides with a batch: the host processes the batch,
 then dumps its partitions' dirty users (``submit(..., checkpoint=True)``),
-and the loop writes (a)-(c) when it applies that batch, while the host
-already works on the next one. The state written is exactly the state after
+and the loop builds the records when it applies that batch, while the host
+already works on the next one; (a)-(c) then run in the background, one
+checkpoint at a time and in order, and the loop goes on fetching. The state written is exactly the state after
 the batches applied so far, so the offsets match it. Revocation and shutdown
 apply every submitted batch first and then checkpoint.
 
@@ -329,6 +330,8 @@ class DetectionLoop:
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._pending: list[asyncio.Future[Any]] = []
+        #: The periodic checkpoint being delivered and committed in the background.
+        self._checkpoint_task: asyncio.Future[None] | None = None
         self._dlq: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
         #: Rebalance complete and every assigned partition restored.
         self.assigned = False
@@ -523,6 +526,9 @@ class DetectionLoop:
         slow = SLOW_ITERATION_SECONDS
         depth = self.pipeline_depth
         while not stop.is_set():
+            task = self._checkpoint_task
+            if task is not None and task.done():
+                await self._checkpoint_done()  # (raises if it failed: the worker stops, the next owner replays)
             t0 = time.monotonic()
             batch = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
             t1 = time.monotonic()
@@ -566,6 +572,16 @@ class DetectionLoop:
                     await self._checkpoint(parts)
                 except Exception as exc:
                     self.log.error("final checkpoint failed; the next owner replays from the previous one", error=str(exc))
+            task, self._checkpoint_task = self._checkpoint_task, None
+            if task is not None and not clean:
+                task.cancel()  # the next owner replays from the last checkpoint delivered
+            if task is not None:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception as exc:
+                    self.log.error("checkpoint failed; the next owner replays from the previous one", error=str(exc))
             for part in parts:
                 self._drop(part)
             self.assigned = False
@@ -615,7 +631,7 @@ class DetectionLoop:
             # The host dumped its state right after this batch, and no later
             # batch is applied yet: the partitions' offsets match that state.
             parts = [p for n, p in self.parts.items() if n in collected.checkpoints]
-            await self._write_checkpoint(parts, collected.checkpoints)
+            await self._write_checkpoint(parts, collected.checkpoints, background=True)
 
     async def _finish(self) -> None:
         """Collect and apply every submitted batch (before checkpoints and rebalances)."""
@@ -738,12 +754,6 @@ class DetectionLoop:
                 self.log.debug("alert revised", alert_id=alert.alert_id, rule_id=alert.rule_id, revision=alert.revision)
         self.stats.alerts += len(alerts)
 
-    async def _await_pending(self) -> None:
-        if self._pending:
-            pending, self._pending = self._pending, []
-            await asyncio.gather(*pending)
-            self.broker_ok_at = time.monotonic()
-
     # -- checkpoints ------------------------------------------------------------
 
     async def _checkpoint(self, parts: Sequence[_Partition], commit: bool = True) -> None:
@@ -752,17 +762,24 @@ class DetectionLoop:
         dumps = {part.number: await self.host.checkpoint(part.number) for part in parts if part.next_offset}
         await self._write_checkpoint(parts, dumps, commit)
 
-    async def _write_checkpoint(self, parts: Sequence[_Partition], dumps: dict[int, PartitionCheckpoint], commit: bool = True) -> None:
+    async def _write_checkpoint(
+        self, parts: Sequence[_Partition], dumps: dict[int, PartitionCheckpoint], commit: bool = True, background: bool = False
+    ) -> None:
         """Alerts delivered, then dirty state + meta written and delivered, then offsets committed.
 
         ``dumps`` holds each partition's :meth:`PartitionEngines.checkpoint`,
         taken when every batch applied so far, and no later one, was processed.
+        The records are built here; their delivery (after the alerts sent so
+        far) and the commit run in the background with ``background`` (the
+        periodic checkpoint: the loop goes on fetching and the children on
+        detecting meanwhile), else before this returns. One checkpoint is
+        delivered at a time, in order: a newer user state never lands before
+        an older one, and commits only move forward.
         """
-        assert self.producer is not None and self.consumer is not None
+        await self._checkpoint_done()
+        assert self.producer is not None
         producer = self.producer
-        await self._await_pending()
-        topic = self.settings.topic_checkpoints
-        futures: list[asyncio.Future[Any]] = []
+        batches: list[tuple[int, Any]] = []
         done: list[tuple[_Partition, dict[str, int]]] = []
         wrote = 0
         for part in parts:
@@ -779,7 +796,7 @@ class DetectionLoop:
             for user, data in dirty:
                 key = USER_KEY_PREFIX + user.encode()
                 if batch.append(key=key, value=data, timestamp=None, headers=headers) is None:
-                    futures.append(await producer.send_batch(batch, topic, partition=partition))
+                    batches.append((partition, batch))
                     batch = producer.create_batch()
                     batch.append(key=key, value=data, timestamp=None, headers=headers)
                 size = len(data) if data is not None else 0
@@ -801,12 +818,35 @@ class DetectionLoop:
             )
             meta_key = CHECKPOINT_META.encode()
             if batch.append(key=meta_key, value=meta, timestamp=None, headers=headers) is None:
-                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batches.append((partition, batch))
                 batch = producer.create_batch()
                 batch.append(key=meta_key, value=meta, timestamp=None, headers=headers)
-            futures.append(await producer.send_batch(batch, topic, partition=partition))
+            batches.append((partition, batch))
             done.append((part, offsets))
-        if futures:
+        self._report_state()
+        pending, self._pending = self._pending, []
+        delivery = self._deliver_checkpoint(pending, batches, done, commit, wrote)
+        if background:
+            self._checkpoint_task = asyncio.ensure_future(delivery)
+        else:
+            await delivery
+
+    async def _deliver_checkpoint(
+        self,
+        pending: list[asyncio.Future[Any]],
+        batches: list[tuple[int, Any]],
+        done: list[tuple[_Partition, dict[str, int]]],
+        commit: bool,
+        wrote: int,
+    ) -> None:
+        """The second half of :meth:`_write_checkpoint`: alerts, then state records, then the commit."""
+        assert self.producer is not None and self.consumer is not None
+        if pending:
+            await asyncio.gather(*pending)
+            self.broker_ok_at = time.monotonic()
+        if batches:
+            topic = self.settings.topic_checkpoints
+            futures = [await self.producer.send_batch(batch, topic, partition=partition) for partition, batch in batches]
             await asyncio.gather(*futures)
             self.broker_ok_at = time.monotonic()
             self.stats.checkpoints += 1
@@ -823,7 +863,12 @@ class DetectionLoop:
                 self.log.warning("offset commit failed (checkpoint written)", error=str(exc))
         if done:
             self.log.debug("checkpoint", partitions=len(done), users_written=wrote)
-        self._report_state()
+
+    async def _checkpoint_done(self) -> None:
+        """Wait for the checkpoint being delivered in the background, if any; raises its error."""
+        task, self._checkpoint_task = self._checkpoint_task, None
+        if task is not None:
+            await task
 
     def _report_state(self) -> None:
         users = sum(p.users for p in self.parts.values())

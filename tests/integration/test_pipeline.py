@@ -8,6 +8,7 @@ detector engine offline over the same events (see ``pipeline_support``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
@@ -15,10 +16,12 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 from pipeline_support import (
     TopicReader,
     alert_ids,
     codec,
+    committed_offsets,
     create_topics,
     escalated,
     expected_alerts,
@@ -271,6 +274,48 @@ class TestCheckpoints:
         docs = [orjson.loads(r.value) for r in alerts.records if orjson.loads(r.value)["rule_id"] == "repeated_queries"]
         assert [(d["revision"], d["count"]) for d in docs] == [(1, 12)]  # the default threshold, crossed by the last look-up
         assert docs[0]["last_ts"] == format_ts(parse_ts("2024-11-19T10:11:00+09:00"))
+
+
+    async def test_failed_checkpoint_delivery_stops_the_loop(self, broker: BrokerProcess) -> None:
+        """A periodic checkpoint that cannot be delivered (in the background) stops the loop with the error, and nothing past the last delivered one is committed."""
+        settings = make_settings(broker, "ckfail", checkpoint_interval=0.0)  # every batch carries a checkpoint
+        await create_topics(settings)
+        first = [event(f"2024-11-19T10:{i:02d}:00+09:00", user="u-ckfail", action="view", subject="r-1", event_id=f"f{i}") for i in range(4)]
+        later = [event(f"2024-11-19T11:{i:02d}:00+09:00", user="u-ckfail", action="view", subject="r-2", event_id=f"g{i}") for i in range(4)]
+        loop = DetectionLoop(settings, poll_timeout_ms=50)
+        task = asyncio.ensure_future(loop.run())
+        try:
+            await wait_until(lambda: loop.assigned or task.done(), 60, "partition assignment")
+            await produce_events(settings, first)
+            for _ in range(300):
+                if sum((await committed_offsets(settings)).values()) == len(first):
+                    break
+                await asyncio.sleep(0.1)
+            committed = await committed_offsets(settings)
+            assert sum(committed.values()) == len(first)
+
+            assert loop.producer is not None
+            real_send_batch = loop.producer.send_batch
+            failures: list[int] = []
+
+            async def broken(*args: Any, **kwargs: Any) -> Any:
+                # Fails once: a transient failure must still stop the loop, since
+                # the failed checkpoint's user states were taken out of the engine's dirty set.
+                if not failures:
+                    failures.append(1)
+                    raise KafkaError("injected: checkpoint topic unwritable")
+                return await real_send_batch(*args, **kwargs)
+
+            loop.producer.send_batch = broken  # type: ignore[method-assign]
+            await produce_events(settings, later)
+            with pytest.raises(KafkaError, match="injected"):
+                await asyncio.wait_for(asyncio.shield(task), 60)
+            assert loop.stats.events == len(first) + len(later)  # the later events were processed, their checkpoint failed
+            assert await committed_offsets(settings) == committed
+        finally:
+            loop.request_stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 60)
 
 
 class TestReadiness:
