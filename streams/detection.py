@@ -56,9 +56,10 @@ The periodic checkpoint rides with a batch: the host processes the batch,
 then dumps its partitions' dirty users (``submit(..., checkpoint=True)``),
 and the loop builds the records when it applies that batch, while the host
 already works on the next one; (a)-(c) then run in the background, one
-checkpoint at a time and in order, and the loop goes on fetching. The state written is exactly the state after
-the batches applied so far, so the offsets match it. Revocation and shutdown
-apply every submitted batch first and then checkpoint.
+checkpoint at a time and in order, and the loop goes on fetching. The state
+written is exactly the state after the batches applied so far, so the
+offsets match it. Revocation and shutdown apply every submitted batch first
+and then checkpoint.
 
 On assignment, each partition's engine is rebuilt from its checkpoint
 partition (read from the beginning up to a fence record written just then;
@@ -573,9 +574,9 @@ class DetectionLoop:
                 except Exception as exc:
                     self.log.error("final checkpoint failed; the next owner replays from the previous one", error=str(exc))
             task, self._checkpoint_task = self._checkpoint_task, None
-            if task is not None and not clean:
-                task.cancel()  # the next owner replays from the last checkpoint delivered
             if task is not None:
+                if not clean:
+                    task.cancel()  # the next owner replays from the last checkpoint delivered
                 try:
                     await task
                 except asyncio.CancelledError:
