@@ -64,7 +64,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from detectors.base import parse_duration
+from detectors.base import DAY_MS, HOUR_MS, parse_duration
 from detectors.engine import EngineSettings
 from schemas.event import Event, EventCodec
 from schemas.mynumber import Pseudonymizer
@@ -74,6 +74,8 @@ __all__ = ["main"]
 
 KEY = "bench-e2e-pseudonym-key-000000000"
 REPO = Path(__file__).resolve().parent.parent
+#: Japan's UTC offset (the synthetic municipality's time zone; no daylight saving).
+_JST_MS = 9 * HOUR_MS
 
 
 def make_events(n: int, staff: int, seed: int) -> tuple[list[Event], Iterator[Event]]:
@@ -250,7 +252,8 @@ async def latency(
     from streams.produce import KeyedSender
 
     need = int(rate * seconds * 1.05) + 1
-    values = [(ev.user.encode(), codec.encode(ev)) for ev in itertools.islice(background, need)]
+    events = list(itertools.islice(background, need))
+    values = [(ev.user.encode(), codec.encode(ev)) for ev in events]
     producer = AIOKafkaProducer(bootstrap_servers=settings.brokers, acks=1, linger_ms=0, max_batch_size=1024 * 1024)
     await producer.start()
     consumer = AIOKafkaConsumer(
@@ -289,7 +292,13 @@ async def latency(
             sent += per_tick
             if n % 3 == 0:  # one injection every 60 ms
                 user = f"bench-{tag}-{injected}"
-                ev = Event(f"inj-{tag}-{injected}", 1_733_238_000_000, user, "172.16.250.1", "view", "success", True, subject="r-bench")
+                # 23:00 (JST) of the day before the background's current event: a night
+                # look-up that never moves the partition's event time ahead (an
+                # injection a week ahead made the engine treat the background users
+                # as idle, which no real feed does).
+                now_ms = events[min(sent, len(events)) - 1].ts_ms
+                night = (now_ms + _JST_MS) // DAY_MS * DAY_MS - _JST_MS - HOUR_MS
+                ev = Event(f"inj-{tag}-{injected}", night, user, "172.16.250.1", "view", "success", True, subject="r-bench")
                 sent_at[user] = time.perf_counter()
                 await sender.add(user.encode(), codec.encode(ev))
                 injected += 1
