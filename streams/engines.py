@@ -647,11 +647,6 @@ class DetectionPool:
         """A batch is submitted and not yet collected."""
         return bool(self._orders)
 
-    @property
-    def submitted(self) -> int:
-        """Batches submitted and not yet collected."""
-        return len(self._orders)
-
     def ready(self) -> bool:
         """The oldest submitted batch's results can be collected without waiting."""
         return bool(self._orders) and all(self.hosts[i].ready() for i in self._orders[0][1])
