@@ -912,16 +912,18 @@ class EscalationService:
         ids = expired_alerts(self.states, self.acks, self._busy(), self.owns, now, m.state_retention_s, m.state_max_alerts)
         persisted = [aid for aid in ids if self.states[aid].seq > 0]
         if persisted:
+            # Registered before sending: the reader may read a tombstone back before its send is awaited here,
+            # and must take it for our own (not forget an alert that turns busy meanwhile).
+            for aid in persisted:
+                self._tombstoned[aid] = self.states[aid].seq
             futures = [await self._producer.send(m.topic_state, value=None, key=aid.encode()) for aid in persisted]
             for fut in futures:
                 await fut
         busy = self._busy()  # mail owed since (a late revision): keep it; its next state record restores it
         forgotten = [aid for aid in ids if aid not in busy and aid in self.states]
         for aid in forgotten:
-            st = self.states.pop(aid)
+            del self.states[aid]
             self.acks.pop(aid, None)
-            if st.seq > 0:
-                self._tombstoned[aid] = st.seq
         horizon = now - m.state_retention_s
         stale = [aid for aid, ack in self.acks.items() if aid not in self.states and _epoch(ack.at) < horizon]
         for aid in stale:

@@ -3,12 +3,17 @@
 No Kafka here: :func:`expired_alerts` is pure, and the reader's handling of
 state records and tombstones is driven with real aiokafka ``ConsumerRecord``
 values, as the reader loop receives them. Writing the tombstones is tested
-with a real worker and broker in ``test_worker_retention.py``.
+with a real worker and broker in ``test_worker_retention.py``; the one race
+a broker cannot replay on demand (the reader reading a tombstone back before
+the sweep has awaited its send) is driven here by a producer that hands each
+tombstone to the reader as it is sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
+from typing import Any
 
 import pytest
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -205,3 +210,53 @@ class TestRetentionSettings:
         """Thirty days of event time, 100 000 alerts, swept every minute."""
         m = MailSettings()
         assert (m.state_retention_s, m.state_max_alerts, m.state_sweep_interval_s) == (30 * DAY, 100_000, 60.0)
+
+
+class ReadBackProducer:
+    """Sends go straight to the service's reader, before the sweep awaits them: the fastest read-back there is."""
+
+    def __init__(self, svc: EscalationService, on_send: Any = None) -> None:
+        self.svc = svc
+        self.on_send = on_send
+        self.sent: list[tuple[str, bytes | None]] = []
+
+    async def send(self, topic: str, value: bytes | None, key: bytes) -> asyncio.Future[None]:
+        self.sent.append((key.decode(), value))
+        if self.on_send is not None:
+            self.on_send(key.decode())
+        read(self.svc, record(key.decode(), value, len(self.sent)))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+class TestSweepReadBackRace:
+    """The reader may apply our tombstone while the sweep still awaits its send."""
+
+    def expired_acked(self, svc: EscalationService) -> tuple[Alert, Alert]:
+        old, newest = make_alert("old", day="2024-01-01"), make_alert("new", day="2024-06-30")
+        svc.states = {old.alert_id: acked_state(old, 3), newest.alert_id: state(newest, seq=1)}
+        svc.acks[old.alert_id] = AckRecord(old.alert_id, "山田", "2024-06-30T10:31:00+09:00", "cli")
+        return old, newest
+
+    async def test_early_read_back_still_counts_as_forgotten_by_the_sweep(self) -> None:
+        """The sweep reports (and logs) the alert it forgot, however early its tombstone came back."""
+        svc = service()
+        old, newest = self.expired_acked(svc)
+        svc._producer = producer = ReadBackProducer(svc)
+        assert await svc.sweep() == [old.alert_id]
+        assert producer.sent == [(old.alert_id, None)]
+        assert set(svc.states) == {newest.alert_id} and old.alert_id not in svc.acks
+        assert svc._tombstoned == {}, "the tombstone was read back: nothing left to guard"
+
+    async def test_alert_turning_busy_during_the_send_is_kept(self) -> None:
+        """A late revision owes mail while the tombstone is in flight: reading it back must not drop the alert."""
+        svc = service()
+        old, _ = self.expired_acked(svc)
+
+        def late_revision(aid: str) -> None:
+            svc.accept(make_alert("old", day="2024-01-01", count=9, revision=2), 0, 50)
+
+        svc._producer = ReadBackProducer(svc, on_send=late_revision)
+        assert await svc.sweep() == []
+        assert svc.states[old.alert_id].alert.revision == 2, "mail is owed for it: it stays until mailed"
