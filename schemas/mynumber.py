@@ -6,10 +6,20 @@ HMAC pseudonym keeps equal numbers equal (detectors can still count repeats)
 without being reversible by anyone who lacks the key.
 
 A run of exactly 12 digits (optionally grouped ``1234 5678 9012`` or
-``1234-5678-9012``, ASCII or full-width digits) is replaced whether or not its check digit is valid: a
-mistyped personal number is still a personal number, and the downstream
-leak test rejects any 12-digit run in any output. ``is_valid_mynumber``
-tells the two apart so the pipeline can count real ones.
+``1234-5678-9012``, ASCII or full-width digits, grouped by an ASCII or
+ideographic space or an ASCII or full-width hyphen) is replaced whether or
+not its check digit is valid: a mistyped personal number is still a personal
+number, and the downstream leak test rejects any 12-digit run in any output.
+``is_valid_mynumber`` tells the two apart so the pipeline can count real ones.
+
+Digits of other scripts (Arabic-Indic, Devanagari, ...) are not personal
+numbers here: My Numbers are written in ASCII or full-width digits.
+
+:func:`contains_twelve_digits` decides on the raw JSON bytes whether an
+event needs scrubbing at all, so it must never say no when the decoded
+strings hold a match: it also answers yes for full-width digits and
+hyphens, ASCII digits grouped by ideographic spaces, and JSON ``\\u``
+escapes of digits, spaces, hyphens or full-width forms.
 """
 
 from __future__ import annotations
@@ -24,16 +34,24 @@ __all__ = [
     "Pseudonymizer",
     "check_digit",
     "contains_twelve_digits",
+    "contains_wide_or_escaped_digits",
     "is_valid_mynumber",
 ]
 
-#: A standalone 12-digit run, plain or grouped 4-4-4 by one space or hyphen.
-#: ``\d`` is Unicode-aware: full-width digits (０-９), common in Japanese
-#: exports, are caught too.
-MYNUMBER_PATTERN = re.compile(r"(?<!\d)(?:\d{12}|\d{4}([ \-　－])\d{4}\1\d{4})(?!\d)")
-_BYTES_PATTERN = re.compile(rb"[0-9]{4}[ \-]?[0-9]{4}[ \-]?[0-9]{4}")
-#: UTF-8 lead bytes of full-width forms (U+FF00-U+FFEF): such input is scanned in full.
-_FULLWIDTH = b"\xef\xbc"
+#: A standalone 12-digit run, plain or grouped 4-4-4 by one separator: ASCII
+#: or full-width digits (０-９, common in Japanese exports); an ASCII or
+#: ideographic space or an ASCII or full-width hyphen.
+MYNUMBER_PATTERN = re.compile(
+    r"(?<![0-9０-９])(?:[0-9０-９]{12}|[0-9０-９]{4}([ \-　－])[0-9０-９]{4}\1[0-9０-９]{4})(?![0-9０-９])"
+)
+#: ASCII digits, plain or grouped by an ASCII space or hyphen or an ideographic space (U+3000).
+_BYTES_PATTERN = re.compile(rb"[0-9]{4}(?:[ \-]|\xe3\x80\x80)?[0-9]{4}(?:[ \-]|\xe3\x80\x80)?[0-9]{4}")
+#: UTF-8 of a full-width hyphen (U+FF0D) or digit (U+FF10-U+FF19).
+_FULLWIDTH = re.compile(rb"\xef\xbc[\x8d\x90-\x99]")
+#: A JSON escape that may decode to a digit or separator: U+0020-U+003F (space,
+#: hyphen, digits), U+3000 (ideographic space), U+FF00-U+FF1F (full-width
+#: hyphen and digits). Hex digits of an escape may be upper or lower case.
+_ESCAPE = re.compile(rb"\\u(?:00[23]|3000|[fF][fF][01])")
 
 _WEIGHTS = (2, 3, 4, 5, 6, 7, 2, 3, 4, 5, 6)  # Q_n for n = 1..11, P_1 = rightmost body digit
 
@@ -69,8 +87,21 @@ def is_valid_mynumber(value: str) -> bool:
 
 
 def contains_twelve_digits(raw: bytes) -> bool:
-    """Cheap pre-check on raw bytes: could anything in here be a personal number?"""
-    return _FULLWIDTH in raw or _BYTES_PATTERN.search(raw) is not None
+    """Cheap pre-check on raw (UTF-8 JSON) bytes: could anything in here be a personal number?
+
+    Never no when the decoded text holds a :data:`MYNUMBER_PATTERN` match
+    (or an integer of 12 digits); yes for some that do not.
+    """
+    return _BYTES_PATTERN.search(raw) is not None or contains_wide_or_escaped_digits(raw)
+
+
+def contains_wide_or_escaped_digits(raw: bytes) -> bool:
+    """The part of :func:`contains_twelve_digits` beyond ASCII digits: full-width forms and JSON escapes.
+
+    Both scans are guarded by a one-byte search (``memchr``), so input with
+    neither costs next to nothing.
+    """
+    return (b"\xef" in raw and _FULLWIDTH.search(raw) is not None) or (b"\\" in raw and _ESCAPE.search(raw) is not None)
 
 
 class Pseudonymizer:

@@ -66,7 +66,7 @@ from schemas.event import (
     EventCodec,
     EventError,
 )
-from schemas.mynumber import Pseudonymizer
+from schemas.mynumber import Pseudonymizer, contains_wide_or_escaped_digits
 
 __all__ = [
     "AHEAD_CODE",
@@ -86,18 +86,19 @@ __all__ = [
 _PICKLE: Final = pickle.HIGHEST_PROTOCOL
 
 _DIGIT_MAP: Final = bytes.maketrans(b"0123456789 ", b"0000000000-")
-_TWELVE: Final = re.compile(rb"0000-?0000-?0000")
+_TWELVE: Final = re.compile(rb"0000(?:-|\xe3\x80\x80)?0000(?:-|\xe3\x80\x80)?0000")
 
 
 def has_twelve_digits(raw: bytes) -> bool:
     """Exactly :func:`schemas.mynumber.contains_twelve_digits`, several times faster on event JSON.
 
     Mapping every digit to ``0`` and a space to ``-`` turns the character
-    classes of ``[0-9]{4}[ \\-]?[0-9]{4}[ \\-]?[0-9]{4}`` into literals, and the
-    regex engine then skips ahead to each ``0000`` instead of trying every
-    position.
+    classes of ``[0-9]{4}(?:[ \\-]|U+3000)?...`` into literals, and the regex
+    engine then skips ahead to each ``0000`` instead of trying every
+    position. Full-width digits and JSON escapes are looked for only where
+    a one-byte search finds their first byte.
     """
-    return _TWELVE.search(raw.translate(_DIGIT_MAP)) is not None
+    return _TWELVE.search(raw.translate(_DIGIT_MAP)) is not None or contains_wide_or_escaped_digits(raw)
 
 
 class DetectionProcessError(RuntimeError):

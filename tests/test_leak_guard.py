@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from leakcheck import find_leak
+from leakcheck import WRITTEN_FORMS, find_leak
 
 pytest_plugins = ["pytester"]
 
@@ -15,10 +15,26 @@ pytest_plugins = ["pytester"]
 class TestLeakGuard:
     """find_leak and the report hook catch 12-digit runs."""
 
-    @pytest.mark.parametrize("text", ["id 123456789018 x", "1234-5678-9018", "1234 5678 9018", "１２３４５６７８９０１８"])
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "id 123456789018 x",
+            "1234-5678-9018",
+            "1234 5678 9018",
+            "１２３４５６７８９０１８",
+            "1234　5678　9018",
+            "１２３４－５６７８－９０１８",
+            '{"s":"\\u0031\\u0032\\u0033\\u0034\\u0035\\u0036\\u0037\\u0038\\u0039\\u0030\\u0031\\u0038"}',
+        ],
+    )
     def test_finds(self, text: str) -> None:
         """Plain, grouped and full-width runs are found."""
         assert find_leak(text) is not None
+
+    @pytest.mark.parametrize("form", sorted(WRITTEN_FORMS))
+    def test_finds_every_written_form(self, form: str) -> None:
+        """Every form the pipeline must pseudonymise counts as a leak when it shows."""
+        assert find_leak(f"subject {WRITTEN_FORMS[form]}.") is not None
 
     @pytest.mark.parametrize("text", ["1549113063000", "12345678901", "lw-12345678-12345678-12345678", "2019-02-02T22:11:03+09:00"])
     def test_ignores(self, text: str) -> None:

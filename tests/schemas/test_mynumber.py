@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from leakcheck import WRITTEN_FORMS
 
-from schemas.mynumber import Pseudonymizer, check_digit, contains_twelve_digits, is_valid_mynumber
+from schemas.mynumber import (
+    MYNUMBER_PATTERN,
+    Pseudonymizer,
+    check_digit,
+    contains_twelve_digits,
+    is_valid_mynumber,
+)
 
 KEY = b"test-key-0123456789"
 
@@ -83,6 +92,51 @@ class TestPseudonymizer:
         """The raw-bytes pre-check sees 12 digits, grouped or not."""
         assert contains_twelve_digits(b'{"s":"1234 5678 9012"}')
         assert not contains_twelve_digits(b'{"ts":"2019-02-02T22:11:03+09:00"}')
+
+
+
+#: Characters a hostile or merely unusual producer may surround a number with.
+_TEXT = st.text(alphabet="0123456789０１２３４５６７８９ -　－ab課（）\\\"/", max_size=40)
+
+
+class TestPrecheckIsSound:
+    """contains_twelve_digits never says no where the decoded text holds a personal number."""
+
+    @pytest.mark.parametrize("form", sorted(WRITTEN_FORMS))
+    def test_every_written_form(self, form: str) -> None:
+        """Each form is scrubbed after decoding and caught on the raw bytes, as UTF-8 and as JSON escapes."""
+        text = f"番号{WRITTEN_FORMS[form]}です"
+        assert MYNUMBER_PATTERN.search(text), "the scrub itself must see it"
+        assert contains_twelve_digits(orjson.dumps({"subject": text}))
+        assert contains_twelve_digits(json.dumps({"subject": text}, ensure_ascii=True).encode())
+        escaped = json.dumps({"subject": text}, ensure_ascii=True)
+        upper_hex = re.sub(r"\\u([0-9a-f]{4})", lambda m: "\\u" + m.group(1).upper(), escaped)
+        assert orjson.loads(upper_hex) == {"subject": text}
+        assert contains_twelve_digits(upper_hex.encode())
+
+    def test_digit_by_digit_escapes(self) -> None:
+        """A producer escaping every character (\\u0031...) cannot smuggle a number past the pre-check."""
+        escaped = "".join(f"\\u{ord(c):04x}" for c in "123456789018")
+        raw = b'{"subject":"' + escaped.encode() + b'"}'
+        assert orjson.loads(raw)["subject"] == "123456789018"
+        assert contains_twelve_digits(raw)
+
+    def test_japanese_text_without_numbers_is_not_flagged(self) -> None:
+        """Kanji, kana and full-width brackets alone do not send an event down the scrub path."""
+        raw = orjson.dumps({"department": "市民課（窓口）", "system": "住民記録システム", "ts": "2024-11-18T08:10:03+09:00"})
+        assert not contains_twelve_digits(raw)
+
+    @given(_TEXT)
+    def test_sound_for_any_text(self, text: str) -> None:
+        """Whatever the text, encoded plainly or with escapes: a match after decoding means yes before."""
+        if MYNUMBER_PATTERN.search(text):
+            assert contains_twelve_digits(orjson.dumps({"s": text}))
+            assert contains_twelve_digits(json.dumps({"s": text}, ensure_ascii=True).encode())
+
+    def test_other_scripts_are_not_personal_numbers(self) -> None:
+        """Digits of other scripts are not how a My Number is written; only ASCII and full-width count."""
+        assert not MYNUMBER_PATTERN.search("١٢٣٤٥٦٧٨٩٠١٨")
+        assert MYNUMBER_PATTERN.search("x１２３４５６７８９０１８x")
 
 
 class TestNoAccidentalTwelveDigits:

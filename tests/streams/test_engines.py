@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 
 import orjson
 import pytest
+from leakcheck import WRITTEN_FORMS
 
 from detectors.engine import Engine, EngineSettings
 from detectors.rules import load_rules
 from detectors.testing import event
 from schemas.event import Event, EventCodec, parse_ts
-from schemas.mynumber import Pseudonymizer
+from schemas.mynumber import MYNUMBER_PATTERN, Pseudonymizer
 from streams.engines import (
     BatchResult,
     DetectionHost,
@@ -60,6 +62,27 @@ class TestPartitionEngines:
         assert {a.rule_id for a in res.alerts} == {"off_hours"}
         late = [r for r in res.dead if r[2] == "late"]
         assert late[0][5] == "late1" and late[0][4] == "ts"
+
+    @pytest.mark.parametrize("ensure_ascii", [False, True], ids=["utf-8", "escaped"])
+    def test_every_written_form_is_pseudonymised(self, ensure_ascii: bool) -> None:
+        """Full-width, ideographically spaced or \\u-escaped numbers reach neither alerts nor checkpoints."""
+        codec = EventCodec(Pseudonymizer(KEY))
+        host = PartitionEngines(load_rules(), EngineSettings(), KEY)
+        host.restore(0, [], {}, None)
+        values: list[bytes | None] = []
+        for m, form in enumerate(sorted(WRITTEN_FORMS)):
+            doc = orjson.loads(codec.encode(event(f"2024-11-16T22:{m:02d}:00+09:00", user="night01", event_id=f"ev{m}")))
+            doc["subject"] = f"番号{WRITTEN_FORMS[form]}"
+            values.append(json.dumps(doc, ensure_ascii=ensure_ascii).encode())
+        res = host.process(0, TOPIC, list(range(len(values))), values)
+        assert res.events == len(WRITTEN_FORMS) and not res.dead
+        last = max(res.alerts, key=lambda a: a.count)
+        subjects = orjson.loads(last.to_json())["evidence"]["subjects"]
+        token = Pseudonymizer(KEY).token("123456789018")
+        assert subjects == [f"番号{token}"], "one number, one token, whatever its form"
+        dumps, _, _ = host.checkpoint(0)
+        for text in [a.to_json().decode() for a in res.alerts] + [d.decode() for _, d in dumps if d is not None]:
+            assert not MYNUMBER_PATTERN.search(text)
 
     def test_event_far_ahead_of_its_message_is_dead_lettered(self) -> None:
         """An event more than ``max_ahead_ms`` after its Kafka timestamp is a ``ts.ahead`` dead letter and leaves the engine's time alone."""

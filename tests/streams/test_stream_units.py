@@ -106,11 +106,13 @@ class TestTwelveDigitCheck:
         assert has_twelve_digits(raw) == contains_twelve_digits(raw)
 
     def test_random_agreement(self) -> None:
-        """Agreement on random strings of digits, spaces, hyphens and letters."""
+        """Agreement on random strings of digits, separators, full-width forms, escapes and their pieces."""
         rnd = random.Random(4)
-        alphabet = b"0123456789 -a,"
-        for _ in range(5000):
-            raw = bytes(rnd.choice(alphabet) for _ in range(rnd.randint(0, 30)))
+        pieces = [bytes([b]) for b in b"0123456789 -a,\\u"] + [
+            c.encode() for c in "０９－　（課"
+        ] + [b"\\u0031", b"\\u0020", b"\\uFF10", b"\\uff0d", b"\\u3000", b"\\u00e9", b"\xef", b"\xe3\x80", b"\xef\xbc"]
+        for _ in range(20000):
+            raw = b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 30)))
             assert has_twelve_digits(raw) == contains_twelve_digits(raw), raw
 
 
