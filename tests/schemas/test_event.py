@@ -172,3 +172,100 @@ class TestTimestampCache:
         for _ in range(2):
             _, errors = codec.decode(orjson.dumps(base(ts="2019-02-02 22:11:03")))
             assert errors[0].field == "ts"
+
+
+def _outcome_slow(codec: EventCodec, raw: bytes) -> object:
+    """What the precise path makes of one message: an event's fields, or the error."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return "invalid JSON"
+    try:
+        ev = codec.from_dict(doc, False)
+    except EventError as exc:
+        return (exc.field, exc.reason)
+    return tuple(getattr(ev, name) for name in Event.__slots__)
+
+
+def _outcome_fast(codec: EventCodec, raw: bytes) -> object:
+    try:
+        ev = codec.from_json(raw)
+    except EventError as exc:
+        return (exc.field, exc.reason)
+    return None if ev is None else tuple(getattr(ev, name) for name in Event.__slots__)
+
+
+_ODD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -1]),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+    st.text(min_size=510, max_size=515, alphabet="aあ"),
+    st.sampled_from(["", "view", "denied", "2024-05-07T10:11:12+09:00", "2024-05-07T10:11:12.5+09:00", "2024-05-07T10:11:60+09:00", "2024-05-07 10:11:12"]),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+_FIELDS = sorted(
+    ("event_id", "ts", "user", "terminal", "action", "result", "mynumber_ref", "subject", "records", "bytes", "device",
+     "department", "system", "session", "location", "schema_version", "pii_scrubbed", "unknown")
+)  # fmt: skip
+
+
+@st.composite
+def _messages(draw: st.DrawFn) -> bytes:
+    """Mostly valid events with a few fields replaced, removed or added, in a few JSON spellings."""
+    doc: dict[str, object] = {
+        "event_id": "ev-1", "ts": draw(st.sampled_from(["2024-05-07T10:11:12+09:00", "2024-05-07T10:11:12.345+09:00", "2024-05-07T01:11:12Z"])),
+        "user": "tanaka", "terminal": "pc-01", "action": draw(st.sampled_from(sorted(ACTIONS))),
+        "result": draw(st.sampled_from(sorted(RESULTS))), "mynumber_ref": draw(st.booleans()),
+    }  # fmt: skip
+    for name in draw(st.lists(st.sampled_from(_FIELDS), max_size=3, unique=True)):
+        doc[name] = draw(_ODD_VALUES)
+    for name in draw(st.lists(st.sampled_from(_FIELDS), max_size=1)):
+        doc.pop(name, None)
+    raw = json.dumps(doc, ensure_ascii=False, separators=(",", ":") if draw(st.booleans()) else None)
+    return draw(st.sampled_from([raw, f" {raw}\n", raw[:-1], f"[{raw}]"])).encode()
+
+
+class TestFastPath:
+    """EventCodec.from_json (msgspec) never disagrees with from_dict: same event, same error, or it steps aside."""
+
+    def test_ordinary_event_takes_the_fast_path(self) -> None:
+        """A plain event with optional fields is decoded here, equal to the precise path's event."""
+        codec = EventCodec(Pseudonymizer(b"test-key-0123456789"))
+        raw = codec.encode(Event("ev-1", parse_ts("2024-05-07T10:11:12.345+09:00"), "tanaka", "pc-01", "export", "success", True,
+                                 "r-1", 120, 4096, "usb-9", "税務課", "住基", "s-1", "office"))  # fmt: skip
+        fast = _outcome_fast(codec, raw)
+        assert fast is not None and fast == _outcome_slow(codec, raw)
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b'{"event_id":"e","ts":"2024-05-07T10:11:12+09:00","user":"u\\u0031","terminal":"t","action":"view","result":"success","mynumber_ref":true}',
+            b'[{"event_id":"e"}]',
+            b'{"event_id":"e","ts":"2024-05-07T10:11:12+09:00","user":"\xff","terminal":"t","action":"view","result":"success","mynumber_ref":true}',
+            b'{"event_id":"e","ts":"2024-05-07T10:11:12+09:00","user":"u","terminal":"t","action":"view","result":"success","mynumber_ref":true,"records":9223372036854775808}',
+            b'{"event_id":"e","ts":"2024-05-07T10:11:12+09:00","user":"u","terminal":"t","action":"view","result":"success","mynumber_ref":true,"schema_version":1.0}',
+        ],
+        ids=["escape", "array", "invalid-utf8", "int-beyond-int64", "version-as-float"],
+    )
+    def test_steps_aside(self, raw: bytes) -> None:
+        """Escapes, arrays, invalid UTF-8 and what only the precise path accepts go the precise way."""
+        assert EventCodec(Pseudonymizer(b"test-key-0123456789")).from_json(raw) is None
+
+    def test_bad_ts_is_the_same_error(self) -> None:
+        """A well-formed event with an impossible time fails with from_dict's error."""
+        codec = EventCodec(Pseudonymizer(b"test-key-0123456789"))
+        raw = b'{"event_id":"e","ts":"2024-02-30T10:11:12+09:00","user":"u","terminal":"t","action":"view","result":"success","mynumber_ref":true}'
+        with pytest.raises(EventError) as fast:
+            codec.from_json(raw)
+        assert _outcome_slow(codec, raw) == (fast.value.field, fast.value.reason)
+
+    @given(_messages())
+    def test_agrees_with_from_dict(self, raw: bytes) -> None:
+        """Whatever it decides on its own is exactly what from_dict decides."""
+        codec = EventCodec(Pseudonymizer(b"test-key-0123456789"))
+        fast = _outcome_fast(codec, raw)
+        assert fast is None or fast == _outcome_slow(codec, raw), raw
