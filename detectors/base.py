@@ -104,6 +104,7 @@ class UserState:
         "epoch",
         "first_ts",
         "last_ts",
+        "next_hour",
         "recent",
         "slots",
         "streak_counts",
@@ -119,6 +120,8 @@ class UserState:
         self.slots: list[Any] = [None] * n_detectors
         #: Newest event time seen for this user.
         self.last_ts = 0
+        #: Engine-owned: the next hour boundary of this user's own clock (see ``Engine._own_hour``).
+        self.next_hour = 0
         #: Oldest event time seen for this user (observation start; snapshotted).
         self.first_ts = 0
         #: Last department seen (events may omit it).

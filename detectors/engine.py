@@ -11,13 +11,19 @@ A finding is published when it opens, again each time its count doubles, and
 a final time when its window closes if it changed since; so a burst of a
 thousand exports is a handful of revisions of one alert, not a thousand.
 
+Windows close and state expires by each user's own clock, less the lateness:
+when that clock enters a new hour, and at the partition's hourly sweeps
+(:meth:`Engine.sweep`, which follow the newest event and also forget idle
+users). So one source whose clock runs ahead of the others cannot hold
+anyone else's findings open.
+
 State is plain data: :meth:`Engine.dump_user` / :meth:`Engine.load_user`
 round-trip byte for byte, which is what the streaming layer checkpoints.
 
 Hot path: ``process`` runs for every event, so its common case (a known user,
 in order, within business hours) is one test each for catching up, the hours
-and the kind; expiry is deferred to a user's next touch (:meth:`Engine.sweep`),
-dirty tracking costs one test per event (:meth:`Engine.clear_dirty` starts a
+and the kind; one more for the user's own hour; expiry is deferred to a
+user's next touch (:meth:`Engine.sweep`), dirty tracking costs one test per event (:meth:`Engine.clear_dirty` starts a
 new *epoch*), and a user's run of *repeat* events skips the detectors that
 only count them (:meth:`~detectors.base.Detector.repeats`) until the run ends.
 Nothing of this is visible in alerts or snapshots.
@@ -452,6 +458,8 @@ class Engine:
                     run = entry[0]
                     if run is not None:
                         run(ev, user, self._emit)
+                    if ts >= user.next_hour:
+                        self._own_hour(ev.user, user, ts)
                     if ts > self.max_ts:
                         self.max_ts = ts
                         if ts >= self._next_sweep:
@@ -483,10 +491,29 @@ class Engine:
             emit = self._emit
             for handler in handlers:
                 handler(ev, user, emit)
+        if ts >= user.next_hour:
+            self._own_hour(ev.user, user, ts)
         if ts > self.max_ts:
             self.max_ts = ts
             if ts >= self._next_sweep:
                 self.sweep()
+
+    def _own_hour(self, name: str, user: UserState, ts: int) -> None:
+        """``name``'s own clock entered a new hour: close its findings and expire its states by that clock.
+
+        The partition's hourly sweeps (:meth:`sweep`) do the same for every
+        user, bounded by each user's own clock, but they follow the newest
+        event of the partition: one source ahead of the others (a PC set to
+        the wrong time zone, one source of a replay days ahead) holds them
+        back until everyone catches up. Each user's own hours cannot be held
+        back by anyone else's clock; forgetting idle users stays with the sweeps.
+        """
+        user.next_hour = (ts // HOUR_MS + 1) * HOUR_MS
+        mark = user.last_ts - self._lateness
+        if user.alerts:
+            self._close_findings(name, user, mark)
+        if user.wake <= mark:
+            self._expire(user, mark)
 
     def _start_streak(self, ev: Event, user: UserState, lo: int, budget: int) -> None:
         """Every detector taking part allowed ``budget`` repeats: the user's next events like ``ev`` are repeats."""
@@ -520,6 +547,7 @@ class Engine:
         """The state of a user first seen with ``ev`` (:meth:`process` then admits the event)."""
         user = self.users[ev.user] = UserState(len(self.detectors), self._recent)
         user.first_ts = user.last_ts = ev.ts_ms
+        user.next_hour = (ev.ts_ms // HOUR_MS + 1) * HOUR_MS
         user.synced = self._sweeps
         return user
 
@@ -831,6 +859,7 @@ class Engine:
             raise ValueError(f"unsupported snapshot version {doc.get('v')!r}")
         user = UserState(len(self.detectors), self._recent)
         user.last_ts = doc["last"]
+        user.next_hour = (user.last_ts // HOUR_MS + 1) * HOUR_MS
         user.department = doc["dep"]
         states = doc["s"]
         first = doc.get("first")

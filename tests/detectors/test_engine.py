@@ -130,6 +130,49 @@ class TestSnapshots:
         assert [a.rule_id for a in alerts if a.user == "alice"] == ["repeated_queries"]
 
 
+class TestOwnHours:
+    """Each user's own clock closes its findings and trims its state, whatever other clocks say."""
+
+    def _night_then_morning(self, ahead: tuple[str, ...]) -> tuple[list[int], Engine]:
+        """Alice looks up three records at night, then works on in the morning beside Bob; ``ahead`` share a PC two days ahead."""
+        eng = engine(lateness_ms=0)
+        events = [event(NIGHT.format(m), user="alice", event_id=f"n{m}") for m in range(3)]
+        for k, who in enumerate(ahead):
+            events.insert(1 + k, event("2019-02-07T09:00:00+09:00", user=who, mynumber_ref=False))
+        for hour in range(9, 13):
+            for who in ("alice", "bob"):
+                events.append(event(f"2019-02-05T{hour:02d}:10:00+09:00", user=who, mynumber_ref=False))
+        counts = [a.count for ev in events for a in eng.process_all([ev]) if a.user == "alice"]
+        return counts, eng
+
+    def test_finding_closes_on_time_beside_clocks_ahead(self) -> None:
+        """Alice's last count is published in the morning, with one or several users' clocks two days ahead."""
+        plain, _ = self._night_then_morning(())
+        assert plain == [1, 2, 3], "counts 1 and 2 as they come, 3 when the window has closed"
+        for ahead in (("carol",), ("carol", "dave", "erin")):
+            counts, eng = self._night_then_morning(ahead)
+            assert counts == plain, ahead
+            assert eng.max_ts == parse_ts("2019-02-07T09:00:00+09:00"), "the clock ahead is still the newest event"
+
+    def test_state_trimmed_by_own_clock(self) -> None:
+        """A user's expired window state goes at that user's next hour, though the partition's sweeps are held back."""
+        eng = Engine([rule("repeated_queries")], EngineSettings(lateness_ms=0))
+        base = parse_ts("2024-11-18T10:00:00+09:00")
+        eng.process(Event("x", base + 7 * DAY_MS, "carol", "t9", "search", "success", True, subject="r9"))
+        eng.process_all(Event(f"a{i}", base + i * 60_000, "alice", "t1", "search", "success", True, subject=f"r{i}") for i in range(5))
+        assert eng.users["alice"].slots[0] is not None
+        eng.process(Event("b", base + 3 * DAY_MS, "alice", "t1", "view", "success", False))
+        assert eng.users["alice"].slots[0] is None, "three days on, alice's look-up window is long gone"
+
+    def test_restored_user_keeps_its_hour(self) -> None:
+        """A restored user's next own hour follows its restored clock, as without the restart."""
+        eng = engine(lateness_ms=0)
+        eng.process_all([event(NIGHT.format(m), user="alice", event_id=f"n{m}") for m in range(3)])
+        again = engine(lateness_ms=0)
+        again.load_user("alice", eng.dump_user("alice"))
+        assert again.users["alice"].next_hour == eng.users["alice"].next_hour
+
+
 class TestPerUserWatermark:
     """A lagging shipper's users keep their windows open."""
 
