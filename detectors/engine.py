@@ -22,9 +22,9 @@ round-trip byte for byte, which is what the streaming layer checkpoints.
 
 Hot path: ``process`` runs for every event, so its common case (a known user,
 in order, within business hours) is one test each for catching up, the hours
-and the kind; one more for the user's own hour; expiry is deferred to a
-user's next touch (:meth:`Engine.sweep`), dirty tracking costs one test per event (:meth:`Engine.clear_dirty` starts a
-new *epoch*), and a user's run of *repeat* events skips the detectors that
+and the kind, and one more for the user's own hour; expiry is deferred to
+a user's next touch (:meth:`Engine.sweep`), dirty tracking costs one test per
+event (:meth:`Engine.clear_dirty` starts a new *epoch*), and a user's run of *repeat* events skips the detectors that
 only count them (:meth:`~detectors.base.Detector.repeats`) until the run ends.
 Nothing of this is visible in alerts or snapshots.
 """

@@ -14,7 +14,7 @@ keyed pseudonyms (see :mod:`schemas.mynumber`) and the event is flagged
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Annotated, Any, Final, Literal, NoReturn
+from typing import Annotated, Any, Final, Literal, NoReturn, get_args
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -45,22 +45,13 @@ SCHEMA_VERSION: Final = 1
 
 DEFAULT_TZ: Final[tzinfo] = ZoneInfo("Asia/Tokyo")
 
-ACTIONS: Final = frozenset(
-    {
-        "login",
-        "logout",
-        "search",
-        "view",
-        "update",
-        "export",
-        "print",
-        "print_screen",
-        "usb_connect",
-        "usb_write",
-        "file_copy",
-    }
-)
-RESULTS: Final = frozenset({"success", "failure", "denied"})
+#: The values of ``action`` and ``result`` (typed for msgspec, see :class:`_Wire`).
+_WireAction = Literal[
+    "login", "logout", "search", "view", "update", "export", "print", "print_screen", "usb_connect", "usb_write", "file_copy",
+]  # fmt: skip
+_WireResult = Literal["success", "failure", "denied"]
+ACTIONS: Final[frozenset[str]] = frozenset(get_args(_WireAction))
+RESULTS: Final[frozenset[str]] = frozenset(get_args(_WireResult))
 #: Actions that look a resident's record up.
 LOOKUP_ACTIONS: Final = frozenset({"search", "view"})
 #: Actions that write records out of the system (書き出し).
@@ -249,10 +240,6 @@ _MAX_JSON_INT: Final = 2**63 - 1
 _WireId = Annotated[str, msgspec.Meta(min_length=1, max_length=_MAX_STR)]
 _WireStr = Annotated[str, msgspec.Meta(max_length=_MAX_STR)]
 _WireInt = Annotated[int, msgspec.Meta(ge=0, le=_MAX_JSON_INT)]
-_WireAction = Literal[
-    "login", "logout", "search", "view", "update", "export", "print", "print_screen", "usb_connect", "usb_write", "file_copy",
-]  # fmt: skip
-_WireResult = Literal["success", "failure", "denied"]
 
 
 class _Wire(msgspec.Struct, forbid_unknown_fields=True, gc=False):
